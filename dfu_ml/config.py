@@ -1,0 +1,271 @@
+"""One configuration schema for local runs, compiled pipelines and step CLIs.
+
+A run's configuration is the defaults below, overlaid by a profile (``smoke``, ``paper`` or a YAML
+file, which may itself ``extends:`` a profile), overlaid by ``key=value`` overrides. Unknown keys
+and values of the wrong type or range are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfu_ml.data.schema import IMAGE_MODALITIES
+from dfu_ml.errors import ConfigError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+METADATA = "metadata"
+MODALITY_CHOICES = (METADATA, *IMAGE_MODALITIES)
+BACKBONES = ("small_cnn", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3",
+             "DenseNet121", "MobileNetV3Small")
+RESAMPLING = ("none", "random", "combined")
+PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
+STAGE1_FREEZE = ("backbone", "encoder")
+
+
+@dataclass
+class Config:
+    """Every setting a run can change. Field comments say why a default is what it is."""
+
+    profile: str = "default"
+    # Data
+    modalities: list = field(default_factory=lambda: [METADATA, "depth_rgb", "thermal_map"])
+    cv_folds: int = 5
+    data_percentage: float = 100.0
+    seed: int = 42
+    image_size: int = 64
+    # The study widened the depth-map box by its field-of-view error and the thermal-map box by
+    # 30 px; the depth-map figure is not published, so 10 px is our estimate.
+    crop_margins: dict = field(default_factory=lambda: {
+        "depth_rgb": 0, "depth_map": 10, "thermal_rgb": 0, "thermal_map": 30})
+    on_missing_image: str = "error"
+    # Resampling and focal loss (RC2)
+    resampling: str = "combined"
+    alpha_max_ratio: float = 3.0
+    focal_gamma: float = 2.0
+    pretrain_alpha: str = "equal"  # RC1: pre-training uses [1, 1, 1]
+    # Clinical random forest
+    rf_n_estimators: int = 300
+    rf_max_depth: int = 0  # 0 means unlimited
+    rf_min_samples_leaf: int = 2
+    rf_inner_folds: int = 5
+    # Image models
+    backbone: str = "small_cnn"
+    backbone_weights: str = "none"  # none | imagenet | path to a local weights file
+    feature_dim: int = 64
+    dropout: float = 0.3
+    batch_size: int = 32
+    early_stopping_patience: int = 5
+    pretrain_epochs: int = 30
+    pretrain_lr: float = 1e-5
+    stage1_epochs: int = 30
+    stage1_lr: float = 1e-4
+    stage1_freeze: str = "backbone"  # RC3: only the backbone is frozen
+    stage2_epochs: int = 20
+    stage2_lr: float = 1e-5  # RC4: 1e-6 moved nothing
+    stage2_unfreeze_fraction: float = 0.2
+    fusion_rf_weight: float = 0.70
+    fusion_learnable: bool = True  # RC5: a fixed 0.70/0.30 split scaled the image gradient by 0.3
+    # Health verdict
+    health_min_kappa: float = 0.25
+    health_min_trainable_params: int = 1000
+    health_min_steps_per_epoch: int = 3
+    # Cluster placement (used by the compiled pipeline only)
+    gpu_accelerator_type: str = "nvidia.com/gpu"
+    gpu_accelerator_limit: int = 1
+    gpu_node_selector: dict = field(default_factory=lambda: {"dfu-kfp/node-pool": "gpu"})
+    gpu_toleration: dict = field(default_factory=lambda: {
+        "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    s3_secret_name: str = "dfu-kfp-s3"
+    models_uri: str = ""  # where publish pushes a blessed model; empty means "do not publish"
+
+    @property
+    def image_modalities(self) -> list[str]:
+        return [m for m in self.modalities if m != METADATA]
+
+    @property
+    def uses_metadata(self) -> bool:
+        return METADATA in self.modalities
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> "Config":
+        return from_dict({**self.to_dict(), **changes})
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(choices)}")
+
+
+def validate(config: Config) -> Config:
+    """Check ranges and choices; raise ConfigError naming the key."""
+    if not config.modalities:
+        raise ConfigError("config key 'modalities' is empty; give at least one of "
+                          + ", ".join(MODALITY_CHOICES))
+    for m in config.modalities:
+        _choice("modalities", m, MODALITY_CHOICES)
+    if len(set(config.modalities)) != len(config.modalities):
+        raise ConfigError(f"config key 'modalities' repeats a modality: {config.modalities}")
+    if config.cv_folds < 2:
+        raise ConfigError(f"config key 'cv_folds' must be >= 2, got {config.cv_folds}")
+    if not 0 < config.data_percentage <= 100:
+        raise ConfigError(f"config key 'data_percentage' must be in (0, 100], got "
+                          f"{config.data_percentage}")
+    if not 16 <= config.image_size <= 1024:
+        raise ConfigError(f"config key 'image_size' must be in [16, 1024], got {config.image_size}")
+    unknown_margins = set(config.crop_margins) - set(IMAGE_MODALITIES)
+    if unknown_margins:
+        raise ConfigError(f"config key 'crop_margins' has unknown modality {sorted(unknown_margins)}")
+    _choice("on_missing_image", config.on_missing_image, ("error", "skip"))
+    _choice("resampling", config.resampling, RESAMPLING)
+    _choice("pretrain_alpha", config.pretrain_alpha, PRETRAIN_ALPHA)
+    _choice("backbone", config.backbone, BACKBONES)
+    _choice("stage1_freeze", config.stage1_freeze, STAGE1_FREEZE)
+    if config.alpha_max_ratio < 1:
+        raise ConfigError(f"config key 'alpha_max_ratio' must be >= 1, got {config.alpha_max_ratio}")
+    if config.batch_size < 1:
+        raise ConfigError(f"config key 'batch_size' must be >= 1, got {config.batch_size}")
+    for key in ("pretrain_epochs", "stage1_epochs", "stage2_epochs", "rf_n_estimators",
+                "early_stopping_patience", "feature_dim"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(config, key)}")
+    for key in ("pretrain_lr", "stage1_lr", "stage2_lr"):
+        if not 0 < getattr(config, key) < 1:
+            raise ConfigError(f"config key {key!r} must be in (0, 1), got {getattr(config, key)}")
+    if not 0 < config.fusion_rf_weight < 1:
+        raise ConfigError(f"config key 'fusion_rf_weight' must be in (0, 1), got "
+                          f"{config.fusion_rf_weight}")
+    if not 0 <= config.stage2_unfreeze_fraction <= 1:
+        raise ConfigError("config key 'stage2_unfreeze_fraction' must be in [0, 1], got "
+                          f"{config.stage2_unfreeze_fraction}")
+    if config.rf_inner_folds < 2:
+        raise ConfigError(f"config key 'rf_inner_folds' must be >= 2, got {config.rf_inner_folds}")
+    return config
+
+
+def from_dict(values: dict, source: str = "config") -> Config:
+    """Build a validated Config from a mapping; unknown keys are an error naming the key."""
+    defaults = Config()
+    checked = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            close = [k for k in FIELDS if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+        checked[key] = _check_type(key, value, getattr(defaults, key))
+    return validate(Config(**checked))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _profile_values(name_or_path: str, seen: tuple = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"config {name_or_path!r} is neither a YAML file nor a profile "
+                f"({', '.join(profile_names())})")
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    values = _read_yaml(path)
+    parent = values.pop("extends", None)
+    base = _profile_values(parent, seen + (str(path.resolve()),)) if parent else {}
+    values.setdefault("profile", path.stem)
+    for key in values:
+        if key not in FIELDS:
+            from_dict({key: values[key]}, source=str(path))
+    return {**base, **values}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` override; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if key in FIELDS and isinstance(getattr(Config(), key), str) and not isinstance(value, str):
+        value = raw
+    return key, value
+
+
+def load_config(profile: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then a profile name or YAML file, then ``key=value`` overrides."""
+    values = _profile_values(profile) if profile else {}
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for text in overrides or []:
+            key, value = parse_override(text)
+            values[key] = value
+    return from_dict(values, source=f"config {profile or 'defaults'}")
+
+
+def config_from_json(text: str) -> Config:
+    """Rebuild a Config serialised with :meth:`Config.to_json` (how pipeline steps receive it)."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config JSON is not valid: {exc}") from None
+    return from_dict(values, source="config JSON")

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Build the dfu-kfp component images and record their references in docker/images.json, which
+# `dfu-kfp compile` reads to pin the pipeline's images ({"cpu": REF, "gpu": REF}).
+#
+#   bash docker/build.sh [--cpu-only] [--base-image IMG] [--gpu-base-image IMG]
+#                        [--ca-bundle FILE] [--push] [--images-json FILE]
+#
+# Engine: docker when `docker info` answers, else podman (override: DFU_CONTAINER_ENGINE=podman).
+# Names: ${DFU_REGISTRY:-localhost}/dfu-kfp-{cpu,gpu}:<dfu_ml.__version__>.
+# --base-image      BASE_IMAGE of the CPU image (e.g. localhost/debian-base:bookworm in CI)
+# --gpu-base-image  BASE_IMAGE of the GPU image (default: the Dockerfile's tensorflow GPU image)
+# --ca-bundle FILE  CA bundle for HTTPS through a TLS-intercepting proxy, visible to pip only
+#                   during the build (podman: bind mount; docker: not supported, see below)
+# --push            push, then record the registry's manifest digest instead of the local image id
+# --images-json F   where to write the references (default docker/images.json)
+#
+# Without --push a reference is NAME:TAG@sha256:<local image id>: it identifies the build exactly
+# but a registry cannot resolve it; push before compiling for a cluster.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CPU_ONLY=0 PUSH=0 BASE_IMAGE="" GPU_BASE_IMAGE="" CA_BUNDLE=""
+IMAGES_JSON="$ROOT/docker/images.json"
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-only) CPU_ONLY=1 ;;
+    --push) PUSH=1 ;;
+    --base-image) BASE_IMAGE=${2:?--base-image needs a value}; shift ;;
+    --gpu-base-image) GPU_BASE_IMAGE=${2:?--gpu-base-image needs a value}; shift ;;
+    --ca-bundle) CA_BUNDLE=${2:?--ca-bundle needs a value}; shift ;;
+    --images-json) IMAGES_JSON=${2:?--images-json needs a value}; shift ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -n "${DFU_CONTAINER_ENGINE:-}" ]; then
+  ENGINE=$DFU_CONTAINER_ENGINE
+elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+  ENGINE=docker
+elif command -v podman >/dev/null 2>&1; then
+  ENGINE=podman
+else
+  echo "build.sh: neither a working docker nor podman found" >&2; exit 1
+fi
+
+# Parsed, not imported: the host needs no Python environment for this.
+VERSION=$(sed -n 's/^__version__ *= *["'"'"']\([^"'"'"']*\)["'"'"'].*/\1/p' "$ROOT/dfu_ml/__init__.py")
+[ -n "$VERSION" ] || { echo "build.sh: no __version__ in dfu_ml/__init__.py" >&2; exit 1; }
+REGISTRY=${DFU_REGISTRY:-localhost}
+if [ -n "$CA_BUNDLE" ] && [ ! -r "$CA_BUNDLE" ]; then
+  echo "build.sh: cannot read CA bundle $CA_BUNDLE" >&2; exit 1
+fi
+
+# build KIND BASE -> prints the reference to record
+build() {
+  local kind=$1 base=$2 image="$REGISTRY/dfu-kfp-$1:$VERSION"
+  local args=(build -f "$ROOT/docker/Dockerfile.$kind" -t "$image")
+  [ -n "$base" ] && args+=(--build-arg "BASE_IMAGE=$base")
+  if [ "$ENGINE" = podman ]; then
+    # host network: no NAT rules on the build host; the ignore file is passed explicitly as well
+    args+=(--network host --ignorefile "$ROOT/docker/Dockerfile.$kind.dockerignore")
+    if [ -n "$CA_BUNDLE" ]; then
+      args+=(-v "$CA_BUNDLE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
+    fi
+  elif [ -n "$CA_BUNDLE" ]; then
+    # docker build has no bind mounts; use podman, or a docker daemon that trusts the proxy CA.
+    echo "build.sh: --ca-bundle needs podman; ignored with docker" >&2
+  fi
+  echo "+ $ENGINE ${args[*]} $ROOT" >&2
+  "$ENGINE" "${args[@]}" "$ROOT" >&2
+
+  local ref
+  if [ "$PUSH" = 1 ]; then
+    if [ "$ENGINE" = podman ]; then
+      local digestfile; digestfile=$(mktemp)
+      podman push --digestfile "$digestfile" "$image" >&2
+      ref="$image@$(cat "$digestfile")"; rm -f "$digestfile"
+    else
+      docker push "$image" >&2
+      ref="$image@$(docker image inspect --format '{{index .RepoDigests 0}}' "$image" | sed 's/.*@//')"
+    fi
+  else
+    ref="$image@$("$ENGINE" image inspect --format '{{.Id}}' "$image" | sed 's/^sha256://; s/^/sha256:/')"
+  fi
+  echo "$ref"
+}
+
+CPU_REF=$(build cpu "$BASE_IMAGE")
+if [ "$CPU_ONLY" = 1 ]; then
+  GPU_REF="$REGISTRY/dfu-kfp-gpu:$VERSION"   # not built: tag only
+else
+  GPU_REF=$(build gpu "$GPU_BASE_IMAGE")
+fi
+
+printf '{\n  "cpu": "%s",\n  "gpu": "%s"\n}\n' "$CPU_REF" "$GPU_REF" > "$IMAGES_JSON"
+echo "wrote $IMAGES_JSON:" >&2
+cat "$IMAGES_JSON"
