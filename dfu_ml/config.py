@@ -60,6 +60,7 @@ class Config:
     feature_dim: int = 64
     dropout: float = 0.3
     batch_size: int = 32
+    clip_batch_size: bool = True  # RC6: keep several updates per epoch
     early_stopping_patience: int = 5
     pretrain_epochs: int = 30
     pretrain_lr: float = 1e-5

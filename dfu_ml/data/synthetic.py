@@ -26,6 +26,7 @@ from dfu_ml.data.reading import format_image_name, parse_image_name, read_boxes,
 CLASS_MIX = (0.31, 0.557, 0.133)  # I, P, R of the real 890 visits
 ANGLE_VIEWS = ("LW", "MW", "RW", "MZ")
 MEDIAN_BOX = 56  # px at full resolution
+THERMAL_MAP_RANGE = (24.0, 38.0)  # degC mapped onto the viridis scale
 
 
 @dataclass
@@ -114,7 +115,7 @@ def render_depth_pair(rng, size: tuple[int, int], wounds: list[tuple[tuple, Appe
 
 
 def render_thermal_pair(rng, size: tuple[int, int], wounds: list[tuple[tuple, Appearance]]):
-    """Thermal RGB and thermal map (viridis over 20-40 degC) frames with the given wounds."""
+    """Thermal RGB and thermal map (viridis over THERMAL_MAP_RANGE) frames with the given wounds."""
     width, height = size
     noise = _smooth_noise(rng, height, width, cell=24)
     skin_temp = float(np.mean([look.skin_temp for _, look in wounds])) if wounds else 30.5
@@ -124,10 +125,11 @@ def render_thermal_pair(rng, size: tuple[int, int], wounds: list[tuple[tuple, Ap
         core = np.clip(1.0 - dist, 0, 1)
         ring = np.clip(1.0 - np.abs(dist - 1.4) / 0.6, 0, 1)
         temp[ys, xs] += (look.wound_temp - skin_temp) * core + (look.peri_temp - skin_temp) * ring \
-            + 1.5 * look.redness * core
+            + 3.0 * look.redness * core
         rgb[ys, xs] = rgb[ys, xs] * (1 - core[..., None]) + (90 + 60 * core[..., None]) * core[..., None]
     fov = _fov_mask(height, width)
-    thermal_map = _viridis()[np.clip((temp - 20.0) / 20.0 * 255, 0, 255).astype(np.uint8)]
+    thermal_map = _viridis()[np.clip((temp - THERMAL_MAP_RANGE[0]) / (
+        THERMAL_MAP_RANGE[1] - THERMAL_MAP_RANGE[0]) * 255, 0, 255).astype(np.uint8)]
     thermal_map[~fov] = 0
     rgb[~fov] = 0
     return np.clip(rgb, 0, 255).astype(np.uint8), thermal_map
@@ -262,7 +264,7 @@ def _random_box(rng, frame: tuple[int, int], scale: float, others: list[tuple]) 
 
 
 def generate_synthetic_dataset(out: Path, patients: int = 40, seed: int = 0, image_scale: float = 0.25,
-                               clinical_signal: float = 1.0, image_signal: float = 1.0) -> dict:
+                               clinical_signal: float = 0.6, image_signal: float = 1.5) -> dict:
     """Write a complete synthetic dataset into ``out``; return a summary of what was written."""
     rng = np.random.default_rng(seed)
     out = Path(out)

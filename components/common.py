@@ -1,0 +1,69 @@
+"""What every step shares: quiet TensorFlow, config parsing, JSON files and the CLI scaffold."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+# Must be set before TensorFlow is imported (it is imported lazily by the training steps).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("KERAS_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dfu-kfp-keras"))
+
+from dfu_ml.config import Config, config_from_json, load_config  # noqa: E402
+from dfu_ml.errors import DfuError  # noqa: E402
+
+PLAN_FILE = "fold_plan.json"
+RF_PROBA_FILE = "rf_proba.npy"
+RF_FOREST_FILE = "forest.joblib"
+RF_TRANSFORMER_FILE = "transformer.json"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.keras"
+FOLD_RESULT_FILE = "fold_result.json"
+
+
+def resolve_config(config: str) -> Config:
+    """A step's ``--config``: a profile name, a YAML file or a JSON string from the pipeline."""
+    text = config.strip()
+    if text.startswith("{"):
+        return config_from_json(text)
+    return load_config(text)
+
+
+def write_json(path: Path, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".partial")
+    temp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(temp, path)
+    return path
+
+
+def read_json(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise DfuError(f"expected file not found: {path}; did the step that writes it run?")
+    return json.loads(path.read_text())
+
+
+def cli(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+        run: Callable[[argparse.Namespace], object], argv=None) -> int:
+    """Parse arguments, run the step, and print expected errors without a traceback."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except DfuError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="smoke",
+                        help="profile name (smoke, paper), YAML file or config JSON (default: smoke)")

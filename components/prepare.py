@@ -1,0 +1,64 @@
+"""Step ``prepare``: a dataset location (local folder or s3://) -> prepared dataset + data report."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from kfp.dsl import Dataset, Markdown, Output
+
+from components.common import add_config_argument, cli, resolve_config
+from dfu_ml.config import Config
+
+
+def run_prepare(data: str, config: Config, out: Path, report_path: Path | None = None) -> dict:
+    """Download the dataset if it is in object storage, prepare it into ``out`` and return the
+    data report."""
+    from dfu_ml.data.prepare import prepare_dataset, report_markdown, save_prepared
+    from dfu_ml.storage import download_tree, is_s3_uri
+
+    with tempfile.TemporaryDirectory(prefix="dfu-data-") as scratch:
+        folder = download_tree(data, Path(scratch) / "data") if is_s3_uri(data) else Path(data)
+        dataset = prepare_dataset(folder, image_size=config.image_size,
+                                  modalities=config.image_modalities,
+                                  crop_margins=config.crop_margins,
+                                  on_missing_image=config.on_missing_image)
+    dataset.meta["source"] = data
+    save_prepared(dataset, out)
+    report = dataset.meta["report"]
+    if report_path is not None:
+        Path(report_path).write_text(report_markdown(report))
+    print(report_markdown(report), flush=True)
+    return report
+
+
+def prepare_op(data: str, config_json: str, prepared: Output[Dataset], report: Output[Markdown]):
+    """Read a dataset in the study's layout, crop every modality's wound box and pack the crops,
+    the row index and the clinical table into one versioned artifact with a data report.
+
+    Args:
+        data: local folder or s3://bucket/prefix holding the CSVs and image folders.
+        config_json: the run's resolved configuration.
+        prepared: the prepared dataset (a folder with dataset.npz).
+        report: the data report.
+    """
+    from pathlib import Path
+
+    from components.common import resolve_config
+    from components.prepare import run_prepare
+
+    summary = run_prepare(data, resolve_config(config_json), Path(prepared.path), Path(report.path))
+    prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+
+def main(argv=None) -> int:
+    def add(parser):
+        parser.add_argument("--data", required=True, help="dataset folder or s3://bucket/prefix")
+        parser.add_argument("--out", required=True, type=Path, help="output folder")
+        add_config_argument(parser)
+
+    return cli(__doc__, add, lambda a: run_prepare(a.data, resolve_config(a.config), a.out), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

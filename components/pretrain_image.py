@@ -1,0 +1,73 @@
+"""Step ``pretrain_image``: fold x image modality -> encoder artifact, history and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.common import PLAN_FILE, add_config_argument, cli, read_json, resolve_config
+from dfu_ml.config import Config
+
+
+def run_pretrain_image(prepared: Path, fold_plan: Path, modality: str, config: Config, out: Path,
+                       epochs: int = 0) -> dict:
+    """Pre-train one modality's image model and save its encoder (no ``output`` layer) in ``out``.
+
+    ``epochs`` > 0 overrides the configured maximum (the final fit uses the folds' best epochs).
+    """
+    from dfu_ml.data.prepare import load_prepared
+    from dfu_ml.errors import ConfigError
+    from dfu_ml.training.fold import run_pretrain
+
+    if modality not in config.image_modalities:
+        raise ConfigError(f"--modality {modality!r} is not among the run's image modalities "
+                          f"{config.image_modalities}")
+    plan = read_json(Path(fold_plan) / PLAN_FILE)
+    result = run_pretrain(load_prepared(prepared), config, plan, modality, Path(out),
+                          epochs=epochs or None)
+    return result.summary()
+
+
+def pretrain_image_op(prepared: Input[Dataset], fold_plan: Input[Dataset], modality: str,
+                      config_json: str, epochs: int, encoder: Output[Model],
+                      metrics: Output[Metrics]):
+    """Pre-train the standalone image model of one modality (focal loss with equal alpha, early
+    stopping on validation quadratic kappa) and export its encoder for Stage 1.
+
+    Args:
+        prepared: the prepared dataset.
+        fold_plan: the fold plan from resample_alpha.
+        modality: depth_rgb, depth_map, thermal_rgb or thermal_map.
+        config_json: the run's resolved configuration.
+        epochs: 0 for the configured maximum with early stopping; > 0 for a fixed count.
+        encoder: the encoder artifact (encoder.keras, encoder.json).
+        metrics: best epoch, validation kappa, trainable parameters.
+    """
+    from pathlib import Path
+
+    from components.common import resolve_config
+    from components.pretrain_image import run_pretrain_image
+
+    summary = run_pretrain_image(Path(prepared.path), Path(fold_plan.path), modality,
+                                 resolve_config(config_json), Path(encoder.path), epochs)
+    for key in ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch"):
+        metrics.log_metric(f"{modality}_{key}", summary[key])
+    encoder.metadata.update({"modality": modality, "best_epoch": summary["best_epoch"]})
+
+
+def main(argv=None) -> int:
+    def add(parser):
+        parser.add_argument("--prepared", required=True, type=Path)
+        parser.add_argument("--fold-plan", required=True, type=Path)
+        parser.add_argument("--modality", required=True)
+        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--epochs", type=int, default=0)
+        add_config_argument(parser)
+
+    return cli(__doc__, add, lambda a: run_pretrain_image(
+        a.prepared, a.fold_plan, a.modality, resolve_config(a.config), a.out, a.epochs), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

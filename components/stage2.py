@@ -1,0 +1,95 @@
+"""Step ``stage2``: fine-tune the top of the backbones; keep Stage 1 when Stage 2 does not improve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.common import (FOLD_RESULT_FILE, MODEL_FILE, PLAN_FILE, RF_PROBA_FILE,
+                               SUMMARY_FILE, add_config_argument, cli, read_json, resolve_config,
+                               write_json)
+from dfu_ml.config import Config
+
+
+def run_stage2(prepared: Path, fold_plan: Path, rf: Path, stage1: Path, config: Config, out: Path,
+               epochs: int = 0) -> dict:
+    """Train Stage 2 from the Stage 1 model; write the fold's model and ``fold_result.json``."""
+    import keras
+    import numpy as np
+
+    from dfu_ml.data.prepare import load_prepared
+    from dfu_ml.training.fold import fold_predictions
+    from dfu_ml.training.fold import run_stage2 as train
+    from dfu_ml.training.stages import StageResult
+
+    dataset = load_prepared(prepared)
+    plan = read_json(Path(fold_plan) / PLAN_FILE)
+    rf_proba = np.load(Path(rf) / RF_PROBA_FILE)
+    previous = read_json(Path(stage1) / SUMMARY_FILE)
+    stage1_model = keras.saving.load_model(Path(stage1) / MODEL_FILE, compile=False)
+    s1 = previous["stage1"]
+    stage1_result = StageResult("stage1", stage1_model, s1["history"], s1["best_epoch"],
+                                s1["best_val_kappa"], s1["trainable_params"], s1["batch_size"],
+                                s1["steps_per_epoch"], s1["train_rows"], s1["val_rows_scored"],
+                                s1["epochs_run"], s1["seconds"])
+    result = train(dataset, config, plan, rf_proba, stage1_result, epochs=epochs or None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save(out / MODEL_FILE)
+    fold_result = {"fold": plan["fold"], "pretrain": previous["pretrain"], "stage1": s1,
+                   "stage2": result.summary()}
+    if plan["val_rows"]:
+        fold_result.update(fold_predictions(dataset, config, plan, rf_proba, result.model))
+    write_json(out / FOLD_RESULT_FILE, fold_result)
+    return fold_result
+
+
+def stage2_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dataset],
+              stage1_model: Input[Model], config_json: str, epochs: int, model: Output[Model],
+              metrics: Output[Metrics]):
+    """Stage 2: unfreeze the top fraction of each backbone (BatchNorm frozen), fine-tune at a low
+    learning rate, keep Stage 1's weights when validation kappa does not improve, and write the
+    fold's validation predictions.
+
+    Args:
+        prepared: the prepared dataset.
+        fold_plan: the fold plan from resample_alpha.
+        rf: the clinical random forest's probabilities.
+        stage1_model: the Stage 1 model.
+        config_json: the run's resolved configuration.
+        epochs: 0 for the configured maximum with early stopping; > 0 for a fixed count.
+        model: the fold's final fusion model and fold_result.json.
+        metrics: the fold's validation metrics.
+    """
+    from pathlib import Path
+
+    from components.common import resolve_config
+    from components.stage2 import run_stage2
+
+    result = run_stage2(Path(prepared.path), Path(fold_plan.path), Path(rf.path),
+                        Path(stage1_model.path), resolve_config(config_json), Path(model.path),
+                        epochs)
+    metrics.log_metric("stage2_best_epoch", result["stage2"]["best_epoch"])
+    metrics.log_metric("kept_stage1_weights", int(result["stage2"]["kept_stage1_weights"]))
+    if "metrics" in result:
+        for key in ("quadratic_kappa", "accuracy", "macro_f1"):
+            metrics.log_metric(key, result["metrics"]["per_row"][key])
+
+
+def main(argv=None) -> int:
+    def add(parser):
+        parser.add_argument("--prepared", required=True, type=Path)
+        parser.add_argument("--fold-plan", required=True, type=Path)
+        parser.add_argument("--rf", required=True, type=Path)
+        parser.add_argument("--stage1", required=True, type=Path, help="the Stage 1 model folder")
+        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--epochs", type=int, default=0)
+        add_config_argument(parser)
+
+    return cli(__doc__, add, lambda a: run_stage2(a.prepared, a.fold_plan, a.rf, a.stage1,
+                                                  resolve_config(a.config), a.out, a.epochs), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Keras 3 models: image encoders, the standalone image model and the fusion model.
+
+Only ``keras`` and ``keras.ops`` are used, so the same code runs with KERAS_BACKEND=tensorflow,
+torch or jax. The backbone is a tracked sub-model (never hidden in a Lambda, where it would not
+train, save or transfer) and receives raw [0, 255] pixels: the application backbones rescale
+themselves, and the small CNN rescales in its first layer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+from dfu_ml.data.schema import NUM_CLASSES
+
+OUTPUT_LAYER = "output"
+RF_INPUT = "rf_probs"
+IMAGE_CLASSIFIER = "image_classifier"
+FUSION_LAYER = "fusion"
+ENCODER_FILE = "encoder.keras"
+ENCODER_CONFIG = "encoder.json"
+
+APPLICATIONS = {
+    "EfficientNetB0": "efficientnet.EfficientNetB0",
+    "EfficientNetB1": "efficientnet.EfficientNetB1",
+    "EfficientNetB2": "efficientnet.EfficientNetB2",
+    "EfficientNetB3": "efficientnet.EfficientNetB3",
+    "DenseNet121": "densenet.DenseNet121",
+    "MobileNetV3Small": "MobileNetV3Small",
+}
+
+
+def image_input_name(modality: str) -> str:
+    return f"{modality}_image"
+
+
+def encoder_name(modality: str) -> str:
+    return f"{modality}_encoder"
+
+
+def backbone_name(modality: str) -> str:
+    return f"{modality}_backbone"
+
+
+def _small_cnn(image_size: int, name: str) -> keras.Model:
+    """A CPU-sized CNN (about 25k parameters at width 16) for smoke runs and tests."""
+    inputs = keras.Input((image_size, image_size, 3), name=f"{name}_input")
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    for i, width in enumerate((16, 32, 64)):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        # A faster-moving average than the default 0.99: smoke runs have few steps, and lagging
+        # statistics make early validation epochs look like a collapse.
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> keras.Model:
+    """A backbone sub-model that maps raw [0, 255] images to a pooled feature vector.
+
+    ``weights`` is ``none``, ``imagenet`` (needs the weights in the Keras cache: nothing is
+    downloaded on our clusters) or a path to a local ``.h5``/``.weights.h5`` file.
+    """
+    if backbone == "small_cnn":
+        model = _small_cnn(image_size, name)
+    else:
+        path = APPLICATIONS[backbone].split(".")
+        factory = keras.applications
+        for part in path:
+            factory = getattr(factory, part)
+        kwargs = {"include_top": False, "pooling": "avg",
+                  "input_shape": (image_size, image_size, 3),
+                  "weights": "imagenet" if weights == "imagenet" else None}
+        if backbone == "MobileNetV3Small":
+            kwargs["include_preprocessing"] = True
+        model = factory(**kwargs)
+        model.name = name
+    if weights not in ("none", "imagenet", "", None):
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"backbone_weights file not found: {weights}")
+        model.load_weights(weights, skip_mismatch=True)
+    return model
+
+
+def build_image_encoder(modality: str, image_size: int, backbone: str = "small_cnn",
+                        weights: str = "none", feature_dim: int = 64,
+                        dropout: float = 0.3) -> keras.Model:
+    """Image encoder for one modality: backbone sub-model + a head to a feature vector."""
+    inputs = keras.Input((image_size, image_size, 3), name=image_input_name(modality))
+    features = build_backbone(backbone, image_size, weights, backbone_name(modality))(inputs)
+    x = layers.Dense(feature_dim, activation="relu", name=f"{modality}_features")(features)
+    x = layers.Dropout(dropout, name=f"{modality}_dropout")(x)
+    return keras.Model(inputs, x, name=encoder_name(modality))
+
+
+def build_image_model(encoder: keras.Model, modality: str) -> keras.Model:
+    """Standalone image model for pre-training: encoder + Dense(3, softmax, name="output")."""
+    name = image_input_name(modality)
+    inputs = keras.Input(tuple(encoder.inputs[0].shape[1:]), name=name)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=OUTPUT_LAYER)(encoder(inputs))
+    return keras.Model({name: inputs}, outputs, name=f"{encoder.name}_pretrain")
+
+
+@keras.saving.register_keras_serializable(package="dfu_kfp")
+class LearnableFusionWeight(layers.Layer):
+    """output = w_rf * p_rf + (1 - w_rf) * p_img, with w_rf = sigmoid(z) and z trainable (RC5).
+
+    A fixed 0.70/0.30 split scaled the image branch's gradient by 0.3; learning z lets the data
+    decide. ``learnable=False`` reproduces the fixed split (for the pre-fix comparison).
+    """
+
+    def __init__(self, initial_rf_weight: float = 0.7, learnable: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_rf_weight = float(initial_rf_weight)
+        self.learnable = bool(learnable)
+
+    def build(self, input_shape):
+        logit = math.log(self.initial_rf_weight / (1.0 - self.initial_rf_weight))
+        self.logit = self.add_weight(name="rf_logit", shape=(),
+                                     initializer=keras.initializers.Constant(logit),
+                                     trainable=self.learnable)
+
+    def call(self, inputs):
+        p_rf, p_img = inputs
+        w_rf = ops.sigmoid(self.logit)
+        return w_rf * ops.cast(p_rf, p_img.dtype) + (1.0 - w_rf) * p_img
+
+    def rf_weight(self) -> float:
+        return float(ops.convert_to_numpy(ops.sigmoid(self.logit)))
+
+    def get_config(self):
+        return {**super().get_config(), "initial_rf_weight": self.initial_rf_weight,
+                "learnable": self.learnable}
+
+
+def build_fusion_model(modalities: list[str], image_size: int, use_metadata: bool = True,
+                       backbone: str = "small_cnn", weights: str = "none", feature_dim: int = 64,
+                       dropout: float = 0.3, rf_weight: float = 0.7,
+                       learnable_fusion: bool = True) -> keras.Model:
+    """Fusion of RF probabilities with 1..4 image modalities (or image-only without metadata).
+
+    Image features (concatenated and projected when several) -> ``image_classifier`` Dense(3)
+    -> :class:`LearnableFusionWeight` with the RF probabilities.
+    """
+    if not modalities:
+        raise ValueError("the fusion model needs at least one image modality; a metadata-only "
+                         "run uses the random forest's probabilities directly")
+    inputs, features = {}, []
+    for modality in modalities:
+        inputs[image_input_name(modality)] = keras.Input(
+            (image_size, image_size, 3), name=image_input_name(modality))
+        encoder = build_image_encoder(modality, image_size, backbone, weights, feature_dim, dropout)
+        features.append(encoder(inputs[image_input_name(modality)]))
+    if len(features) > 1:
+        x = layers.Concatenate(name="image_features")(features)
+        x = layers.Dense(feature_dim, activation="relu", name="image_projection")(x)
+    else:
+        x = features[0]
+    image_probs = layers.Dense(NUM_CLASSES, activation="softmax", name=IMAGE_CLASSIFIER)(x)
+    if not use_metadata:
+        outputs = layers.Activation("linear", name=OUTPUT_LAYER)(image_probs)
+    else:
+        inputs[RF_INPUT] = keras.Input((NUM_CLASSES,), name=RF_INPUT)
+        outputs = LearnableFusionWeight(rf_weight, learnable_fusion, name=FUSION_LAYER)(
+            [inputs[RF_INPUT], image_probs])
+    return keras.Model(inputs, outputs, name="dfu_fusion")
+
+
+def count_trainable_params(model: keras.Model) -> int:
+    return int(sum(math.prod(w.shape) for w in model.trainable_weights))
+
+
+def set_backbone_trainable(model: keras.Model, modalities: list[str], trainable: bool) -> None:
+    for modality in modalities:
+        model.get_layer(encoder_name(modality)).get_layer(backbone_name(modality)).trainable = trainable
+
+
+def freeze_encoders(model: keras.Model, modalities: list[str]) -> None:
+    for modality in modalities:
+        model.get_layer(encoder_name(modality)).trainable = False
+
+
+def unfreeze_top_of_backbones(model: keras.Model, modalities: list[str], fraction: float) -> None:
+    """Unfreeze the top ``fraction`` of each backbone's layers, keeping BatchNorm frozen.
+
+    BatchNorm statistics learned on large batches are destroyed by small fine-tuning batches, the
+    reason the keras-io fine-tuning recipe keeps them frozen.
+    """
+    for modality in modalities:
+        encoder = model.get_layer(encoder_name(modality))
+        encoder.trainable = True
+        backbone = encoder.get_layer(backbone_name(modality))
+        backbone.trainable = True
+        weighted = [layer for layer in backbone.layers if layer.weights]
+        first_unfrozen = len(weighted) - max(1, round(fraction * len(weighted))) if fraction else len(weighted)
+        for i, layer in enumerate(weighted):
+            layer.trainable = i >= first_unfrozen and not isinstance(layer, layers.BatchNormalization)
+
+
+def save_encoder(encoder: keras.Model, directory: Path, description: dict) -> None:
+    """Encoder artifact: every weight but the ``output`` layer's, plus what built it."""
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    encoder.save(directory / ENCODER_FILE)
+    (directory / ENCODER_CONFIG).write_text(json.dumps(description, indent=2))
+
+
+def load_encoder_into(model: keras.Model, modality: str, directory: Path) -> None:
+    """Load an encoder artifact into the fusion model's encoder of the same name."""
+    import json
+
+    directory = Path(directory)
+    description = json.loads((directory / ENCODER_CONFIG).read_text())
+    if description.get("modality") != modality:
+        raise ValueError(f"{directory} holds the {description.get('modality')} encoder, "
+                         f"not {modality}")
+    loaded = keras.saving.load_model(directory / ENCODER_FILE, compile=False)
+    target = model.get_layer(encoder_name(modality))
+    target.set_weights(loaded.get_weights())
