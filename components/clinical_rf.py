@@ -1,6 +1,5 @@
 """Step ``clinical_rf``: fold -> random-forest probabilities (out-of-fold for training visits)."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) 
     return result
 
 
-def clinical_rf_op(prepared: Input[Dataset], fold_plan: Input[Dataset], config_json: str,
+def clinical_rf_op(prepared: Input[Dataset], fold_plan: Input[Dataset], config: Input[Dataset],
                    rf: Output[Dataset]):
     """Fit the clinical random forest on the fold's training visits: out-of-fold probabilities for
     training visits (inner CV grouped by patient), forest probabilities for validation visits.
@@ -47,15 +46,15 @@ def clinical_rf_op(prepared: Input[Dataset], fold_plan: Input[Dataset], config_j
     Args:
         prepared: the prepared dataset.
         fold_plan: the fold plan from resample_alpha.
-        config_json: the run's resolved configuration.
+        config: the run's resolved configuration (config.json).
         rf: probabilities, forest and feature transformer.
     """
     from pathlib import Path
 
     from components.clinical_rf import run_clinical_rf
-    from components.common import resolve_config
+    from components.common import config_from_artifact
 
-    result = run_clinical_rf(Path(prepared.path), Path(fold_plan.path), resolve_config(config_json),
+    result = run_clinical_rf(Path(prepared.path), Path(fold_plan.path), config_from_artifact(config.path),
                              Path(rf.path))
     if "metrics" in result:
         rf.metadata["val_quadratic_kappa"] = result["metrics"]["per_row"]["quadratic_kappa"]

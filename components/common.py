@@ -1,6 +1,5 @@
 """What every step shares: quiet TensorFlow, config parsing, JSON files and the CLI scaffold."""
 
-from __future__ import annotations
 
 import argparse
 import json
@@ -32,6 +31,28 @@ def resolve_config(config: str) -> Config:
     if text.startswith("{"):
         return config_from_json(text)
     return load_config(text)
+
+
+def config_from_artifact(path: str) -> Config:
+    """The run's configuration from the ``config`` artifact written by the resolve step."""
+    return config_from_json(Path(path).read_text())
+
+
+def final_fit_epochs(final_fit, stage: str) -> int:
+    """Epochs for ``stage`` in the final fit (from the evaluation summary), 0 for a CV fold."""
+    if final_fit is None:
+        return 0
+    return int(read_json(Path(final_fit.path) / SUMMARY_FILE)["final_fit_epochs"][stage])
+
+
+def log_metrics(metrics, values: dict) -> None:
+    """Log to a KFP Metrics artifact, skipping values that are not finite numbers (KFP cannot
+    store NaN, and a final fit has no validation kappa)."""
+    import math
+
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics.log_metric(name, value)
 
 
 def write_json(path: Path, data) -> Path:

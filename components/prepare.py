@@ -1,11 +1,10 @@
 """Step ``prepare``: a dataset location (local folder or s3://) -> prepared dataset + data report."""
 
-from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from kfp.dsl import Dataset, Markdown, Output
+from kfp.dsl import Dataset, Input, Markdown, Output
 
 from components.common import add_config_argument, cli, resolve_config
 from dfu_ml.config import Config
@@ -32,22 +31,22 @@ def run_prepare(data: str, config: Config, out: Path, report_path: Path | None =
     return report
 
 
-def prepare_op(data: str, config_json: str, prepared: Output[Dataset], report: Output[Markdown]):
+def prepare_op(data: str, config: Input[Dataset], prepared: Output[Dataset], report: Output[Markdown]):
     """Read a dataset in the study's layout, crop every modality's wound box and pack the crops,
     the row index and the clinical table into one versioned artifact with a data report.
 
     Args:
         data: local folder or s3://bucket/prefix holding the CSVs and image folders.
-        config_json: the run's resolved configuration.
+        config: the run's resolved configuration (config.json).
         prepared: the prepared dataset (a folder with dataset.npz).
         report: the data report.
     """
     from pathlib import Path
 
-    from components.common import resolve_config
+    from components.common import config_from_artifact
     from components.prepare import run_prepare
 
-    summary = run_prepare(data, resolve_config(config_json), Path(prepared.path), Path(report.path))
+    summary = run_prepare(data, config_from_artifact(config.path), Path(prepared.path), Path(report.path))
     prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 

@@ -1,6 +1,5 @@
 """Step ``pretrain_image``: fold x image modality -> encoder artifact, history and metrics."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -30,8 +29,8 @@ def run_pretrain_image(prepared: Path, fold_plan: Path, modality: str, config: C
 
 
 def pretrain_image_op(prepared: Input[Dataset], fold_plan: Input[Dataset], modality: str,
-                      config_json: str, epochs: int, encoder: Output[Model],
-                      metrics: Output[Metrics]):
+                      config: Input[Dataset], encoder: Output[Model], metrics: Output[Metrics],
+                      final_fit: Input[Dataset] = None):
     """Pre-train the standalone image model of one modality (focal loss with equal alpha, early
     stopping on validation quadratic kappa) and export its encoder for Stage 1.
 
@@ -39,20 +38,22 @@ def pretrain_image_op(prepared: Input[Dataset], fold_plan: Input[Dataset], modal
         prepared: the prepared dataset.
         fold_plan: the fold plan from resample_alpha.
         modality: depth_rgb, depth_map, thermal_rgb or thermal_map.
-        config_json: the run's resolved configuration.
-        epochs: 0 for the configured maximum with early stopping; > 0 for a fixed count.
+        config: the run's resolved configuration (config.json).
+        final_fit: for the final fit, the evaluation summary whose best epochs fix the epoch
+            count; absent for cross-validation folds (early stopping on validation kappa).
         encoder: the encoder artifact (encoder.keras, encoder.json).
         metrics: best epoch, validation kappa, trainable parameters.
     """
     from pathlib import Path
 
-    from components.common import resolve_config
+    from components.common import config_from_artifact, final_fit_epochs, log_metrics
     from components.pretrain_image import run_pretrain_image
 
     summary = run_pretrain_image(Path(prepared.path), Path(fold_plan.path), modality,
-                                 resolve_config(config_json), Path(encoder.path), epochs)
-    for key in ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch"):
-        metrics.log_metric(f"{modality}_{key}", summary[key])
+                                 config_from_artifact(config.path), Path(encoder.path),
+                                 final_fit_epochs(final_fit, "pretrain"))
+    log_metrics(metrics, {f"{modality}_{key}": summary[key] for key in
+                          ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch")})
     encoder.metadata.update({"modality": modality, "best_epoch": summary["best_epoch"]})
 
 

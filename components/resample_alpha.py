@@ -1,6 +1,5 @@
 """Step ``resample_alpha``: fold -> training index (resampled), validation index, focal alphas."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def run_resample_alpha(prepared: Path, fold: int, config: Config, out: Path) -> 
     return plan
 
 
-def resample_alpha_op(prepared: Input[Dataset], fold: int, config_json: str,
+def resample_alpha_op(prepared: Input[Dataset], fold: int, config: Input[Dataset],
                       fold_plan: Output[Dataset]):
     """Split patients for one fold, resample the training rows and compute the focal-loss alphas
     (capped inverse frequency for fusion, [1, 1, 1] for pre-training by default).
@@ -32,15 +31,15 @@ def resample_alpha_op(prepared: Input[Dataset], fold: int, config_json: str,
     Args:
         prepared: the prepared dataset.
         fold: fold number, or -1 for the final fit on all patients.
-        config_json: the run's resolved configuration.
+        config: the run's resolved configuration (config.json).
         fold_plan: the fold plan (fold_plan.json).
     """
     from pathlib import Path
 
-    from components.common import resolve_config
+    from components.common import config_from_artifact
     from components.resample_alpha import run_resample_alpha
 
-    plan = run_resample_alpha(Path(prepared.path), fold, resolve_config(config_json),
+    plan = run_resample_alpha(Path(prepared.path), fold, config_from_artifact(config.path),
                               Path(fold_plan.path))
     fold_plan.metadata.update({"fold": fold, "alpha_fusion": plan["alpha_fusion"]})
 

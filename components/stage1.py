@@ -1,6 +1,5 @@
 """Step ``stage1``: fusion model with the pre-trained encoders loaded and the backbones frozen."""
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import List
@@ -46,8 +45,8 @@ def run_stage1(prepared: Path, fold_plan: Path, rf: Path, encoders: list[Path], 
 
 
 def stage1_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dataset],
-              encoders: Input[List[Model]], config_json: str, epochs: int,
-              model: Output[Model]):
+              encoders: Input[List[Model]], config: Input[Dataset], model: Output[Model],
+              final_fit: Input[Dataset] = None):
     """Stage 1: the fusion model (RF probabilities + image branches + learnable fusion weight)
     with the pre-trained encoders loaded by name and only the backbones frozen.
 
@@ -56,18 +55,19 @@ def stage1_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dat
         fold_plan: the fold plan from resample_alpha.
         rf: the clinical random forest's probabilities.
         encoders: one encoder artifact per image modality.
-        config_json: the run's resolved configuration.
-        epochs: 0 for the configured maximum with early stopping; > 0 for a fixed count.
+        config: the run's resolved configuration (config.json).
+        final_fit: for the final fit, the evaluation summary whose best epochs fix the epoch
+            count; absent for cross-validation folds (early stopping on validation kappa).
         model: the Stage 1 fusion model and the stage summaries.
     """
     from pathlib import Path
 
-    from components.common import resolve_config
+    from components.common import config_from_artifact, final_fit_epochs
     from components.stage1 import run_stage1
 
     summary = run_stage1(Path(prepared.path), Path(fold_plan.path), Path(rf.path),
-                         [Path(e.path) for e in encoders], resolve_config(config_json),
-                         Path(model.path), epochs)
+                         [Path(e.path) for e in encoders], config_from_artifact(config.path),
+                         Path(model.path), final_fit_epochs(final_fit, "stage1"))
     model.metadata.update({"best_epoch": summary["stage1"]["best_epoch"],
                            "trainable_params": summary["stage1"]["trainable_params"]})
 

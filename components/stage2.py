@@ -1,6 +1,5 @@
 """Step ``stage2``: fine-tune the top of the backbones; keep Stage 1 when Stage 2 does not improve."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -46,8 +45,8 @@ def run_stage2(prepared: Path, fold_plan: Path, rf: Path, stage1: Path, config: 
 
 
 def stage2_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dataset],
-              stage1_model: Input[Model], config_json: str, epochs: int, model: Output[Model],
-              metrics: Output[Metrics]):
+              stage1_model: Input[Model], config: Input[Dataset], model: Output[Model],
+              metrics: Output[Metrics], final_fit: Input[Dataset] = None):
     """Stage 2: unfreeze the top fraction of each backbone (BatchNorm frozen), fine-tune at a low
     learning rate, keep Stage 1's weights when validation kappa does not improve, and write the
     fold's validation predictions.
@@ -57,24 +56,26 @@ def stage2_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dat
         fold_plan: the fold plan from resample_alpha.
         rf: the clinical random forest's probabilities.
         stage1_model: the Stage 1 model.
-        config_json: the run's resolved configuration.
-        epochs: 0 for the configured maximum with early stopping; > 0 for a fixed count.
+        config: the run's resolved configuration (config.json).
+        final_fit: for the final fit, the evaluation summary whose best epochs fix the epoch
+            count; absent for cross-validation folds (early stopping on validation kappa).
         model: the fold's final fusion model and fold_result.json.
         metrics: the fold's validation metrics.
     """
     from pathlib import Path
 
-    from components.common import resolve_config
+    from components.common import config_from_artifact, final_fit_epochs, log_metrics
     from components.stage2 import run_stage2
 
     result = run_stage2(Path(prepared.path), Path(fold_plan.path), Path(rf.path),
-                        Path(stage1_model.path), resolve_config(config_json), Path(model.path),
-                        epochs)
-    metrics.log_metric("stage2_best_epoch", result["stage2"]["best_epoch"])
-    metrics.log_metric("kept_stage1_weights", int(result["stage2"]["kept_stage1_weights"]))
-    if "metrics" in result:
-        for key in ("quadratic_kappa", "accuracy", "macro_f1"):
-            metrics.log_metric(key, result["metrics"]["per_row"][key])
+                        Path(stage1_model.path), config_from_artifact(config.path), Path(model.path),
+                        final_fit_epochs(final_fit, "stage2"))
+    values = {"stage2_best_epoch": result["stage2"]["best_epoch"],
+              "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"])}
+    values.update(result.get("metrics", {}).get("per_row", {}))
+    log_metrics(metrics, {k: values[k] for k in ("stage2_best_epoch", "kept_stage1_weights",
+                                                 "quadratic_kappa", "accuracy", "macro_f1")
+                          if k in values})
 
 
 def main(argv=None) -> int:

@@ -9,13 +9,14 @@
 # Names: ${DFU_REGISTRY:-localhost}/dfu-kfp-{cpu,gpu}:<dfu_ml.__version__>.
 # --base-image      BASE_IMAGE of the CPU image (e.g. localhost/debian-base:bookworm in CI)
 # --gpu-base-image  BASE_IMAGE of the GPU image (default: the Dockerfile's tensorflow GPU image)
-# --ca-bundle FILE  CA bundle for HTTPS through a TLS-intercepting proxy, visible to pip only
-#                   during the build (podman: bind mount; docker: not supported, see below)
-# --push            push, then record the registry's manifest digest instead of the local image id
+# --ca-bundle FILE  CA bundle for HTTPS through a TLS-intercepting proxy, given to pip only, as
+#                   the build secret `pip-cert` (never stored in the image)
+# --push            push, then record the registry's manifest digest
 # --images-json F   where to write the references (default docker/images.json)
 #
-# Without --push a reference is NAME:TAG@sha256:<local image id>: it identifies the build exactly
-# but a registry cannot resolve it; push before compiling for a cluster.
+# References are NAME:TAG@sha256:DIGEST. Without --push, DIGEST is podman's local manifest digest
+# (podman run resolves it locally) or, with docker, the image id (an identifier only: no registry
+# or daemon resolves NAME@<image id>). Push before compiling a pipeline for a cluster.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,45 +55,48 @@ if [ -n "$CA_BUNDLE" ] && [ ! -r "$CA_BUNDLE" ]; then
   echo "build.sh: cannot read CA bundle $CA_BUNDLE" >&2; exit 1
 fi
 
-# build KIND BASE -> prints the reference to record
+# build KIND BASE: builds (and pushes) one image and sets REF to the reference to record.
+# Not called as $(build ...): errexit does not reach into command substitutions.
 build() {
   local kind=$1 base=$2 image="$REGISTRY/dfu-kfp-$1:$VERSION"
   local args=(build -f "$ROOT/docker/Dockerfile.$kind" -t "$image")
   [ -n "$base" ] && args+=(--build-arg "BASE_IMAGE=$base")
+  if [ -n "$CA_BUNDLE" ]; then
+    # RUN --mount=type=secret,id=pip-cert in the Dockerfiles; docker needs BuildKit (its default)
+    args+=(--secret "id=pip-cert,src=$CA_BUNDLE" --build-arg PIP_CERT=/run/secrets/pip-cert)
+  fi
   if [ "$ENGINE" = podman ]; then
-    # host network: no NAT rules on the build host; the ignore file is passed explicitly as well
+    # host network: no NAT rules on the build host. podman 4.3 reads <Dockerfile>.dockerignore by
+    # itself; passing it explicitly also covers older versions.
     args+=(--network host --ignorefile "$ROOT/docker/Dockerfile.$kind.dockerignore")
-    if [ -n "$CA_BUNDLE" ]; then
-      args+=(-v "$CA_BUNDLE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
-    fi
-  elif [ -n "$CA_BUNDLE" ]; then
-    # docker build has no bind mounts; use podman, or a docker daemon that trusts the proxy CA.
-    echo "build.sh: --ca-bundle needs podman; ignored with docker" >&2
   fi
   echo "+ $ENGINE ${args[*]} $ROOT" >&2
   "$ENGINE" "${args[@]}" "$ROOT" >&2
 
-  local ref
   if [ "$PUSH" = 1 ]; then
     if [ "$ENGINE" = podman ]; then
       local digestfile; digestfile=$(mktemp)
       podman push --digestfile "$digestfile" "$image" >&2
-      ref="$image@$(cat "$digestfile")"; rm -f "$digestfile"
+      REF="$image@$(cat "$digestfile")"; rm -f "$digestfile"
     else
       docker push "$image" >&2
-      ref="$image@$(docker image inspect --format '{{index .RepoDigests 0}}' "$image" | sed 's/.*@//')"
+      REF="$image@$(docker image inspect --format '{{index .RepoDigests 0}}' "$image" | sed 's/.*@//')"
     fi
+  elif [ "$ENGINE" = podman ]; then
+    REF="$image@$(podman image inspect --format '{{.Digest}}' "$image")"
   else
-    ref="$image@$("$ENGINE" image inspect --format '{{.Id}}' "$image" | sed 's/^sha256://; s/^/sha256:/')"
+    REF="$image@$(docker image inspect --format '{{.Id}}' "$image")"
   fi
-  echo "$ref"
+  case "$REF" in *@sha256:????????????????????????????????????????????????????????????????) ;;
+    *) echo "build.sh: no digest for $image (got $REF)" >&2; exit 1 ;;
+  esac
 }
 
-CPU_REF=$(build cpu "$BASE_IMAGE")
+build cpu "$BASE_IMAGE"; CPU_REF=$REF
 if [ "$CPU_ONLY" = 1 ]; then
   GPU_REF="$REGISTRY/dfu-kfp-gpu:$VERSION"   # not built: tag only
 else
-  GPU_REF=$(build gpu "$GPU_BASE_IMAGE")
+  build gpu "$GPU_BASE_IMAGE"; GPU_REF=$REF
 fi
 
 printf '{\n  "cpu": "%s",\n  "gpu": "%s"\n}\n' "$CPU_REF" "$GPU_REF" > "$IMAGES_JSON"

@@ -505,3 +505,16 @@ def test_server_errors_are_retried_then_reported(stub_s3, tmp_path):
         download_tree("s3://data/v1", tmp_path / "out")
     assert stub_s3.requests == 1 + storage.RETRIES
     assert "127.0.0.1" in str(info.value) and "503" in str(info.value)
+
+
+def test_secret_echoed_by_the_server_is_redacted(stub_s3, tmp_path):
+    stub_s3.status = 400
+    stub_s3.body = (
+        "<?xml version='1.0' encoding='UTF-8'?><Error><Code>InvalidArgument</Code>"
+        f"<Message>bad header {SECRET}</Message></Error>"
+    ).encode()
+    with pytest.raises(StorageError) as info:
+        download_tree("s3://data/v1", tmp_path / "out")
+    message = str(info.value)
+    assert "InvalidArgument" in message and "bad header ***" in message
+    assert SECRET not in message

@@ -1,0 +1,82 @@
+"""Step ``evaluate``: all folds -> metrics, confusion matrices, plots, health verdict, blessing."""
+
+
+from pathlib import Path
+from typing import List, NamedTuple
+
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Output
+
+from components.common import (FOLD_RESULT_FILE, SUMMARY_FILE, add_config_argument, cli,
+                               read_json, resolve_config, write_json)
+from dfu_ml.config import Config
+
+
+def run_evaluate(fold_results: list[Path], config: Config, out: Path) -> dict:
+    """Summarise the folds into ``out`` (summary.json, report.html, plots); print the table and
+    the verdict."""
+    from dfu_ml.evaluation import format_table, summarize_folds, write_report
+    from dfu_ml.training.health import format_verdict
+
+    folds = [read_json(Path(p) / FOLD_RESULT_FILE) for p in fold_results]
+    summary = summarize_folds(folds, config)
+    out = Path(out)
+    summary["files"] = write_report(summary, folds, out)
+    write_json(out / SUMMARY_FILE, summary)
+    print(format_table(summary), flush=True)
+    print(format_verdict(summary["health"]), flush=True)
+    return summary
+
+
+def evaluate_op(fold_results: Input[List[Artifact]], config: Input[Dataset], summary: Output[Dataset],
+                metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
+                report: Output[HTML]) -> NamedTuple("Evaluation", [("blessed", bool),
+                                                                   ("pretrain_epochs", int),
+                                                                   ("stage1_epochs", int),
+                                                                   ("stage2_epochs", int)]):
+    """Compute metrics per fold and across folds (per image-set row and per visit), the
+    training-health verdict and the blessing that gates publishing, and the epochs the final
+    fit trains for.
+
+    Args:
+        fold_results: one fold result per cross-validation fold.
+        config: the run's resolved configuration (config.json).
+        summary: summary.json, report.html and the plots.
+        metrics: mean metrics, shown in the KFP UI.
+        confusion: the confusion matrix over all folds.
+        report: the HTML report.
+    """
+    import shutil
+    from collections import namedtuple
+    from pathlib import Path
+
+    from components.common import config_from_artifact, log_metrics
+    from components.evaluate import run_evaluate
+    from dfu_ml.data.schema import CLASS_NAMES
+
+    result = run_evaluate([Path(f.path) for f in fold_results], config_from_artifact(config.path),
+                          Path(summary.path))
+    log_metrics(metrics, {f"{level}_{key}_mean": value["mean"]
+                          for level in ("per_row", "per_visit")
+                          for key, value in result["mean"][level].items()})
+    log_metrics(metrics, {"health_passed": int(result["health"]["passed"])})
+    confusion.log_confusion_matrix(list(CLASS_NAMES), result["confusion_matrix_total"])
+    shutil.copyfile(result["files"]["report"], report.path)
+    epochs = result["final_fit_epochs"]
+    output = namedtuple("Evaluation", ["blessed", "pretrain_epochs", "stage1_epochs",
+                                       "stage2_epochs"])
+    return output(result["blessed"], epochs["pretrain"], epochs["stage1"], epochs["stage2"])
+
+
+def main(argv=None) -> int:
+    def add(parser):
+        parser.add_argument("--fold-result", action="append", type=Path, required=True,
+                            help="a folder holding fold_result.json; repeat for each fold")
+        parser.add_argument("--out", required=True, type=Path)
+        add_config_argument(parser)
+
+    return cli(__doc__, add, lambda a: run_evaluate(a.fold_result, resolve_config(a.config),
+                                                    a.out), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The final model bundle: what ``publish`` pushes and ``predict`` loads.
+
+A folder with the fusion model (image runs), the clinical random forest and its feature
+transformer, the configuration, the evaluation summary and report, and a manifest whose
+``model_id`` is derived from the configuration and the data location, so that a different
+experiment never reuses (or overwrites) another's model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfu_ml import __version__
+from dfu_ml.config import Config, config_from_json
+from dfu_ml.errors import DataError
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.keras"
+FOREST_FILE = "forest.joblib"
+TRANSFORMER_FILE = "transformer.json"
+CONFIG_FILE = "config.json"
+
+
+def model_id(config: Config, data: str) -> str:
+    digest = hashlib.sha256((config.to_json() + "|" + data + "|" + __version__).encode()).hexdigest()
+    return f"dfu-{__version__}-{digest[:12]}"
+
+
+def assemble_bundle(out: Path, config: Config, rf_dir: Path, summary_dir: Path,
+                    model_dir: Path | None, data: str = "") -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(rf_dir / FOREST_FILE, out / FOREST_FILE)
+    shutil.copyfile(rf_dir / TRANSFORMER_FILE, out / TRANSFORMER_FILE)
+    if config.image_modalities:
+        if model_dir is None or not (Path(model_dir) / MODEL_FILE).is_file():
+            raise DataError("an image run's bundle needs the final fusion model (model.keras)")
+        shutil.copyfile(Path(model_dir) / MODEL_FILE, out / MODEL_FILE)
+    summary = json.loads((Path(summary_dir) / "summary.json").read_text())
+    for name in ("summary.json", "report.html"):
+        if (Path(summary_dir) / name).is_file():
+            shutil.copyfile(Path(summary_dir) / name, out / name)
+    (out / CONFIG_FILE).write_text(config.to_json())
+    manifest = {"model_id": model_id(config, data), "version": __version__, "data": data,
+                "modalities": config.modalities, "image_size": config.image_size,
+                "blessed": bool(summary["blessed"]),
+                "mean_quadratic_kappa": summary["mean"]["per_row"]["quadratic_kappa"]["mean"],
+                "files": sorted(p.name for p in out.iterdir())}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+@dataclass
+class Bundle:
+    config: Config
+    manifest: dict
+    forest: object
+    transformer: object
+    model: object | None
+
+
+def load_bundle(folder: Path) -> Bundle:
+    import joblib
+
+    from dfu_ml.features import ClinicalFeatureTransformer
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise DataError(f"{folder} is not a dfu-kfp model bundle (no {MANIFEST}); pass the "
+                        "final_model folder named in summary.json")
+    config = config_from_json((folder / CONFIG_FILE).read_text())
+    model = None
+    if config.image_modalities:
+        import keras
+
+        import dfu_ml.training.models  # noqa: F401  (registers LearnableFusionWeight)
+        model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
+    return Bundle(config, json.loads((folder / MANIFEST).read_text()),
+                  joblib.load(folder / FOREST_FILE),
+                  ClinicalFeatureTransformer.from_json((folder / TRANSFORMER_FILE).read_text()),
+                  model)
