@@ -82,7 +82,9 @@ class Config:
     gpu_node_selector: dict = field(default_factory=lambda: {"dfu-kfp/node-pool": "gpu"})
     gpu_toleration: dict = field(default_factory=lambda: {
         "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
-    s3_secret_name: str = "dfu-kfp-s3"
+    s3_secret_name: str = "dfu-kfp-s3"  # keys accesskey / secretkey (manifests/base/s3-secret.yaml)
+    s3_endpoint: str = "dfu-minio:9000"  # host:port of the S3 endpoint the steps read and write
+    s3_secure: bool = False
     models_uri: str = ""  # where publish pushes a blessed model; empty means "do not publish"
 
     @property
@@ -118,6 +120,12 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
         return value
     if isinstance(default, float):
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads exponent notation without a dot, e.g. ``1e-5``, as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
         return float(value)
@@ -228,6 +236,8 @@ def _profile_values(name_or_path: str, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     values = _read_yaml(path)
     parent = values.pop("extends", None)
+    if parent and (path.parent / str(parent)).is_file():  # a file next to this one
+        parent = str(path.parent / str(parent))
     base = _profile_values(parent, seen + (str(path.resolve()),)) if parent else {}
     values.setdefault("profile", path.stem)
     for key in values:

@@ -91,6 +91,8 @@ def _on_gpu(task: dsl.PipelineTask, config: Config) -> dsl.PipelineTask:
 def _with_storage(task: dsl.PipelineTask, config: Config) -> dsl.PipelineTask:
     """Steps that talk to object storage: credentials from the secret, and retries."""
     kubernetes.use_secret_as_env(task, secret_name=config.s3_secret_name, secret_key_to_env=S3_ENV)
+    task.set_env_variable("DFU_S3_ENDPOINT", config.s3_endpoint)
+    task.set_env_variable("DFU_S3_SECURE", "true" if config.s3_secure else "false")
     task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
     return task
 

@@ -203,7 +203,7 @@ def data_report(dataset: PreparedDataset) -> dict:
         "image_sets": int(len(sets)),
         "visits_with_images": int(dataset.meta["counts"].get("visits_with_images", 0)),
         "class_mix_visits": mix,
-        "class_mix_visits_percent": {k: round(100 * v / max(1, labelled.sum()), 1)
+        "class_mix_visits_percent": {k: round(100.0 * v / max(1, int(labelled.sum())), 1)
                                      for k, v in mix.items()},
         "class_mix_image_sets": {name: int((set_labels == i).sum())
                                  for i, name in enumerate(schema.CLASS_NAMES)},
@@ -258,8 +258,15 @@ def load_prepared(path: Path) -> PreparedDataset:
         if meta.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path}: prepared-dataset format {meta.get('format_version')} is not "
                             f"{FORMAT_VERSION}; prepare the dataset again with this version")
-        visits = pd.read_csv(io.StringIO(str(data["visits_csv"])))
+        # Columns read_clinical keeps as text stay text (an ID such as "0123" keeps its zero).
+        text = {"ID", schema.LABEL_COLUMN, *schema.LEAKY_COLUMNS, *schema.FREE_TEXT_COLUMNS,
+                *schema.ORDINAL_TEXT_COLUMNS, *schema.NOMINAL_TEXT_COLUMNS}
+        visits = pd.read_csv(io.StringIO(str(data["visits_csv"])), dtype={c: str for c in text})
         sets = pd.read_csv(io.StringIO(str(data["sets_csv"])),
                            dtype={"depth_file": str, "thermal_file": str})
+        for column in ("depth_box", "thermal_box"):  # save_prepared wrote them as JSON lists
+            if column in sets:
+                sets[column] = [tuple(json.loads(b)) if isinstance(b, str) and b else None
+                                for b in sets[column]]
         images = {m: data[f"images_{m}"] for m in meta["modalities"]}
     return PreparedDataset(visits=visits, sets=sets, images=images, meta=meta)

@@ -1,0 +1,189 @@
+"""The Kubeflow pipeline: compiled YAML, the local main job end to end (reading the dataset from
+and publishing to a real S3 protocol server), a metadata-only run, and predict on held-back
+patients."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dfu_ml.config import load_config
+from dfu_ml.data.schema import CLASS_NAMES, CLINICAL_CSV, LABEL_COLUMN
+from dfu_ml.data.synthetic import generate_synthetic_dataset
+
+GPU_STEPS = ("pretrain-image-op", "stage1-op", "stage2-op")
+FAST = ["cv_folds=2", "pretrain_epochs=3", "stage1_epochs=3", "stage2_epochs=2",
+        "rf_n_estimators=40"]
+
+
+def _compile(tmp_path, profile="paper", overrides=(), images=None):
+    from pipelines.pipeline import compile_pipeline
+
+    path = compile_pipeline(load_config(profile, list(overrides)), tmp_path / "pipeline.yaml", images)
+    text = path.read_text()
+    return text, list(yaml.safe_load_all(text))
+
+
+def _is_gpu_step(executor: str) -> bool:
+    return any(executor == f"exec-{name}" or executor.startswith(f"exec-{name}-")
+               for name in GPU_STEPS)
+
+
+def test_compiled_yaml_places_exactly_the_gpu_steps_on_gpu_nodes(tmp_path):
+    _, (spec, platform) = _compile(tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert any(_is_gpu_step(e) for e in executors) and any(not _is_gpu_step(e) for e in executors)
+    for name, executor in executors.items():
+        accelerator = executor["container"].get("resources", {}).get("accelerator")
+        placement = k8s.get(name, {})
+        if _is_gpu_step(name):
+            assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["count"] == "1"
+            assert placement["nodeSelector"]["labels"] == {"dfu-kfp/node-pool": "gpu"}
+            assert placement["tolerations"][0]["key"] == "nvidia.com/gpu"
+            assert "gpu" in executor["container"]["image"]
+        else:
+            assert accelerator is None, name
+            assert "nodeSelector" not in placement and "tolerations" not in placement, name
+
+
+def test_compiled_yaml_holds_no_credentials_and_reads_them_from_the_secret(tmp_path, monkeypatch):
+    secret = "s3cr3t-value-that-must-not-leak"
+    monkeypatch.setenv("DFU_S3_SECRET_KEY", secret)
+    monkeypatch.setenv("DFU_S3_ACCESS_KEY", "ACCESS-KEY-NOT-IN-YAML")
+    text, (spec, platform) = _compile(tmp_path)
+    assert secret not in text and "ACCESS-KEY-NOT-IN-YAML" not in text
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    storage_steps = [n for n, e in k8s.items() if "secretAsEnv" in e]
+    assert {"exec-prepare-op", "exec-publish-op"} <= set(storage_steps)
+    env = {k["envVar"] for k in k8s["exec-prepare-op"]["secretAsEnv"][0]["keyToEnv"]}
+    assert env == {"DFU_S3_ACCESS_KEY", "DFU_S3_SECRET_KEY"}
+    for name in storage_steps:
+        retry = spec["root"]["dag"]["tasks"][name.removeprefix("exec-")].get("retryPolicy")
+        assert retry and int(retry["maxRetryCount"]) >= 1, name
+
+
+def test_compiled_yaml_is_a_valid_pipeline_spec_with_pinned_images(tmp_path):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    images = {"cpu": "registry.example/dfu-kfp-cpu:0.1.0@sha256:" + "a" * 64,
+              "gpu": "registry.example/dfu-kfp-gpu:0.1.0@sha256:" + "b" * 64}
+    _, (spec, platform) = _compile(tmp_path, images=images)
+    json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    json_format.ParseDict(platform["platforms"]["kubernetes"], pipeline_spec_pb2.SinglePlatformSpec())
+    used = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert used == set(images.values())
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    for name in ("data", "image_modalities", "use_metadata", "cv_folds", "folds", "data_percentage",
+                 "image_size", "backbone", "pretrain_epochs", "stage1_lr", "stage2_lr",
+                 "alpha_max_ratio", "seed", "profile"):
+        assert name in parameters
+    paper = load_config("paper")
+    assert parameters["image_size"]["defaultValue"] == paper.image_size
+    assert parameters["backbone"]["defaultValue"] == paper.backbone
+
+
+def test_metadata_only_config_compiles_without_gpu_steps(tmp_path):
+    _, (spec, platform) = _compile(tmp_path, overrides=["modalities=metadata"])
+    executors = spec["deploymentSpec"]["executors"]
+    assert not any(_is_gpu_step(e) for e in executors)
+    assert not any("accelerator" in e["container"].get("resources", {}) for e in executors.values())
+
+
+def _upload_dataset(folder, uri):
+    from dfu_ml.storage import ensure_bucket, make_client, parse_s3_uri, S3Settings, upload_tree
+
+    bucket, _ = parse_s3_uri(uri)
+    ensure_bucket(make_client(S3Settings.from_env()), bucket)
+    upload_tree(folder, uri)
+
+
+def _list_objects(uri):
+    from dfu_ml.storage import make_client, parse_s3_uri, S3Settings
+
+    bucket, prefix = parse_s3_uri(uri)
+    client = make_client(S3Settings.from_env())
+    return [o.object_name for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
+
+
+@pytest.mark.slow
+def test_local_pipeline_end_to_end_through_s3_then_predict_on_held_back_patients(tmp_path, s3_env):
+    from dfu_ml.storage import ensure_bucket, make_client, S3Settings
+    from pipelines.local_run import run_local
+    from pipelines.cli import main
+
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data, patients=14, seed=3, image_scale=0.12)
+    _upload_dataset(data, "s3://dfu-data/synthetic")
+    ensure_bucket(make_client(S3Settings.from_env()), "dfu-models")
+    config = load_config("smoke", FAST + ["models_uri=s3://dfu-models/runs"])
+    summary = run_local(config, "s3://dfu-data/synthetic", tmp_path / "out", log=lambda _: None)
+
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["final_model"] == str(tmp_path / "out" / "final_model")
+    assert len(written["folds"]) == 2
+    for fold in written["folds"]:
+        for level in ("per_row", "per_visit"):
+            assert set(fold[level]) == {"quadratic_kappa", "accuracy", "macro_f1"}
+        for name in ("pretrain[depth_rgb]", "pretrain[thermal_map]", "stage1", "stage2"):
+            stage = fold["stages"][name]
+            assert stage["best_epoch"] >= 1 and stage["trainable_params"] > 0
+            assert -1 <= stage["best_val_kappa"] <= 1
+    assert {c["check"] for c in written["health"]["checks"]} >= {
+        "pretraining_kappa_positive", "stage1_best_epoch_after_1", "stage2_improves_or_stage1_kept",
+        "final_kappa_above_threshold", "no_stage_restores_epoch_1"}
+    assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
+    # Really trained: the stages ran epochs and the final fit used the folds' best epochs.
+    assert written["final_fit_epochs"]["stage1"] >= 1
+    published = _list_objects("s3://dfu-models/runs/")
+    if summary["blessed"]:
+        assert f"runs/{summary['model_id']}/model.keras" in published
+        assert f"runs/{summary['model_id']}/_SUCCESS" in published
+    else:
+        assert published == []
+
+    # New patients (another seed), first with labels, then without.
+    new = tmp_path / "new"
+    generate_synthetic_dataset(new, patients=5, seed=99, image_scale=0.12)
+    clinical = pd.read_csv(new / CLINICAL_CSV, encoding="utf-8-sig")
+    visits = len(clinical.drop_duplicates(["Patient#", "Appt#", "DFU#"]))
+    out_csv = tmp_path / "pred.csv"
+    assert main(["predict", "--model", written["final_model"], "--data", str(new),
+                 "--out", str(out_csv)]) == 0
+    predictions = pd.read_csv(out_csv)
+    assert len(predictions) == visits
+    proba = predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-4)
+    assert set(predictions["predicted_phase"]) <= set(CLASS_NAMES)
+    assert (predictions["true_phase"].isin(CLASS_NAMES)).all()
+    clinical.drop(columns=[LABEL_COLUMN]).to_csv(new / CLINICAL_CSV, index=False,
+                                                 encoding="utf-8-sig")
+    assert main(["predict", "--model", written["final_model"], "--data", str(new),
+                 "--out", str(out_csv)]) == 0
+    unlabelled = pd.read_csv(out_csv)
+    assert "true_phase" not in unlabelled and len(unlabelled) == visits
+    assert np.allclose(unlabelled[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(), proba, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_metadata_only_run_of_the_main_job(tmp_path, capsys):
+    from pipelines.cli import main
+
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data, patients=14, seed=4, image_scale=0.05)
+    code = main(["run", "--data", str(data), "--out", str(tmp_path / "out"), "--set",
+                 "modalities=metadata", "cv_folds=2", "data_percentage=80", "rf_n_estimators=40"])
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["modalities"] == ["metadata"]
+    assert all(f["stages"] == {} for f in summary["folds"])
+    checks = {c["check"] for c in summary["health"]["checks"]}
+    assert "final_kappa_above_threshold" in checks and "stage1_best_epoch_after_1" not in checks
+    bundle = sorted(os.listdir(summary["final_model"]))
+    assert "forest.joblib" in bundle and "model.keras" not in bundle
+    printed = capsys.readouterr().out
+    assert "Training health:" in printed and "mean |" in printed
