@@ -62,12 +62,12 @@ def clinical_rf_op(prepared: Input[Dataset], fold_plan: Input[Dataset], config: 
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=Path)
-        parser.add_argument("--fold-plan", required=True, type=Path)
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--prepared", required=True, type=str)
+        parser.add_argument("--fold-plan", required=True, type=str)
+        parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_clinical_rf(a.prepared, a.fold_plan,
+    return cli("components.clinical_rf", __doc__, add, lambda a: run_clinical_rf(a.prepared, a.fold_plan,
                                                        resolve_config(a.config), a.out), argv)
 
 

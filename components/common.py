@@ -71,14 +71,58 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
-def cli(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+# Arguments that name object-storage locations the step itself reads (not artifact folders).
+PASS_THROUGH_URIS = ("data", "models_uri")
+
+
+def _stage_s3_arguments(args: argparse.Namespace, scratch: Path) -> list[tuple[Path, str]]:
+    """Replace ``s3://`` artifact arguments by local folders: inputs are downloaded now, ``--out``
+    is uploaded after the step. Returns the (local, uri) pairs to upload."""
+    from dfu_ml.storage import download_tree, is_s3_uri
+
+    uploads = []
+    for name, value in vars(args).items():
+        if name in PASS_THROUGH_URIS:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not any(isinstance(v, (str, Path)) and is_s3_uri(str(v)) for v in values):
+            continue
+        local = []
+        for i, item in enumerate(values):
+            if not is_s3_uri(str(item)):
+                local.append(item)
+                continue
+            folder = scratch / f"{name}{i}"
+            if name == "out":
+                folder.mkdir(parents=True)
+                uploads.append((folder, str(item)))
+            else:
+                download_tree(str(item), folder)
+            local.append(folder)
+        setattr(args, name, local if isinstance(value, list) else local[0])
+    return uploads
+
+
+def cli(module: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
         run: Callable[[argparse.Namespace], object], argv=None) -> int:
-    """Parse arguments, run the step, and print expected errors without a traceback."""
-    parser = argparse.ArgumentParser(description=description)
+    """Parse arguments, run the step, and print expected errors without a traceback.
+
+    Every folder argument may also be an ``s3://`` URI (for example a pipeline artifact in the
+    KFP bucket): inputs are downloaded first and ``--out`` is uploaded when the step succeeds.
+    """
+    import tempfile
+
+    from dfu_ml.storage import upload_tree
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        run(args)
+        with tempfile.TemporaryDirectory(prefix="dfu-step-") as scratch:
+            uploads = _stage_s3_arguments(args, Path(scratch))
+            run(args)
+            for folder, uri in uploads:
+                upload_tree(folder, uri)
     except DfuError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,12 +69,12 @@ def evaluate_op(fold_results: Input[List[Artifact]], config: Input[Dataset], sum
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--fold-result", action="append", type=Path, required=True,
+        parser.add_argument("--fold-result", action="append", type=str, required=True,
                             help="a folder holding fold_result.json; repeat for each fold")
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_evaluate(a.fold_result, resolve_config(a.config),
+    return cli("components.evaluate", __doc__, add, lambda a: run_evaluate(a.fold_result, resolve_config(a.config),
                                                     a.out), argv)
 
 

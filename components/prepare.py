@@ -53,10 +53,10 @@ def prepare_op(data: str, config: Input[Dataset], prepared: Output[Dataset], rep
 def main(argv=None) -> int:
     def add(parser):
         parser.add_argument("--data", required=True, help="dataset folder or s3://bucket/prefix")
-        parser.add_argument("--out", required=True, type=Path, help="output folder")
+        parser.add_argument("--out", required=True, type=str, help="output folder")
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_prepare(a.data, resolve_config(a.config), a.out), argv)
+    return cli("components.prepare", __doc__, add, lambda a: run_prepare(a.data, resolve_config(a.config), a.out), argv)
 
 
 if __name__ == "__main__":

@@ -59,14 +59,14 @@ def pretrain_image_op(prepared: Input[Dataset], fold_plan: Input[Dataset], modal
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=Path)
-        parser.add_argument("--fold-plan", required=True, type=Path)
+        parser.add_argument("--prepared", required=True, type=str)
+        parser.add_argument("--fold-plan", required=True, type=str)
         parser.add_argument("--modality", required=True)
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--out", required=True, type=str)
         parser.add_argument("--epochs", type=int, default=0)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_pretrain_image(
+    return cli("components.pretrain_image", __doc__, add, lambda a: run_pretrain_image(
         a.prepared, a.fold_plan, a.modality, resolve_config(a.config), a.out, a.epochs), argv)
 
 

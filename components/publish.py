@@ -59,15 +59,15 @@ def publish_op(rf: Input[Dataset], summary: Input[Dataset], config: Input[Datase
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--rf", required=True, type=Path, help="final fit's clinical_rf output")
-        parser.add_argument("--summary", required=True, type=Path, help="evaluate's output folder")
-        parser.add_argument("--model", type=Path, help="final fit's stage2 output (image runs)")
+        parser.add_argument("--rf", required=True, type=str, help="final fit's clinical_rf output")
+        parser.add_argument("--summary", required=True, type=str, help="evaluate's output folder")
+        parser.add_argument("--model", type=str, help="final fit's stage2 output (image runs)")
         parser.add_argument("--models-uri", default="", help="s3://bucket/prefix or a folder")
         parser.add_argument("--data", default="", help="dataset location, for the manifest")
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_publish(a.rf, a.summary, resolve_config(a.config), a.out,
+    return cli("components.publish", __doc__, add, lambda a: run_publish(a.rf, a.summary, resolve_config(a.config), a.out,
                                                    a.model, a.models_uri, a.data), argv)
 
 

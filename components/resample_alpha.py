@@ -46,12 +46,12 @@ def resample_alpha_op(prepared: Input[Dataset], fold: int, config: Input[Dataset
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=Path)
+        parser.add_argument("--prepared", required=True, type=str)
         parser.add_argument("--fold", required=True, type=int, help="fold number, -1 = final fit")
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_resample_alpha(a.prepared, a.fold,
+    return cli("components.resample_alpha", __doc__, add, lambda a: run_resample_alpha(a.prepared, a.fold,
                                                           resolve_config(a.config), a.out), argv)
 
 

@@ -74,16 +74,16 @@ def stage1_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dat
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=Path)
-        parser.add_argument("--fold-plan", required=True, type=Path)
-        parser.add_argument("--rf", required=True, type=Path)
-        parser.add_argument("--encoder", action="append", type=Path, default=[],
+        parser.add_argument("--prepared", required=True, type=str)
+        parser.add_argument("--fold-plan", required=True, type=str)
+        parser.add_argument("--rf", required=True, type=str)
+        parser.add_argument("--encoder", action="append", type=str, default=[],
                             help="an encoder artifact folder; repeat for each modality")
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--out", required=True, type=str)
         parser.add_argument("--epochs", type=int, default=0)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_stage1(a.prepared, a.fold_plan, a.rf, a.encoder,
+    return cli("components.stage1", __doc__, add, lambda a: run_stage1(a.prepared, a.fold_plan, a.rf, a.encoder,
                                                   resolve_config(a.config), a.out, a.epochs), argv)
 
 

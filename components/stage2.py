@@ -80,15 +80,15 @@ def stage2_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dat
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=Path)
-        parser.add_argument("--fold-plan", required=True, type=Path)
-        parser.add_argument("--rf", required=True, type=Path)
-        parser.add_argument("--stage1", required=True, type=Path, help="the Stage 1 model folder")
-        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--prepared", required=True, type=str)
+        parser.add_argument("--fold-plan", required=True, type=str)
+        parser.add_argument("--rf", required=True, type=str)
+        parser.add_argument("--stage1", required=True, type=str, help="the Stage 1 model folder")
+        parser.add_argument("--out", required=True, type=str)
         parser.add_argument("--epochs", type=int, default=0)
         add_config_argument(parser)
 
-    return cli(__doc__, add, lambda a: run_stage2(a.prepared, a.fold_plan, a.rf, a.stage1,
+    return cli("components.stage2", __doc__, add, lambda a: run_stage2(a.prepared, a.fold_plan, a.rf, a.stage1,
                                                   resolve_config(a.config), a.out, a.epochs), argv)
 
 

@@ -10,6 +10,7 @@ from the config; MinIO credentials come from a Kubernetes secret as environment 
 """
 
 
+import hashlib
 import json
 from pathlib import Path
 from typing import List
@@ -46,13 +47,17 @@ def component_images(path: Path = IMAGES_FILE) -> dict:
     return default
 
 
-def resolve_config_op(config_json: str, image_modalities: List[str], use_metadata: bool,
+def resolve_config_op(config_json: str, code_version: str, image_modalities: List[str], use_metadata: bool,
                       cv_folds: int, folds: List[int], data_percentage: float, image_size: int, backbone: str, pretrain_epochs: int,
                       stage1_epochs: int, stage2_epochs: int, pretrain_lr: float, stage1_lr: float,
                       stage2_lr: float, alpha_max_ratio: float, seed: int, profile: str,
                       models_uri: str, config: Output[Dataset]):
     """Overlay the run's parameters on the compiled configuration and validate it (the loops fan
-    out over the ``folds`` and ``image_modalities`` pipeline parameters themselves)."""
+    out over the ``folds`` and ``image_modalities`` pipeline parameters themselves).
+
+    ``code_version`` is not used here: it keys KFP's cache, so that results computed by other code
+    are never reused (every step depends on this step's output).
+    """
     from dfu_ml.config import config_from_json
     from dfu_ml.errors import ConfigError
 
@@ -75,6 +80,18 @@ def resolve_config_op(config_json: str, image_modalities: List[str], use_metadat
                           f"(cv_folds={resolved.cv_folds}), and at least one is needed")
     with open(config.path, "w") as handle:
         handle.write(resolved.to_json())
+
+
+def code_version() -> str:
+    """The package version plus a digest of the library, component and pipeline sources."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("dfu_ml", "components", "pipelines"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml"):
+                digest.update(path.relative_to(root).as_posix().encode())
+                digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:16]}"
 
 
 def _on_gpu(task: dsl.PipelineTask, config: Config) -> dsl.PipelineTask:
@@ -161,7 +178,8 @@ def build_pipeline(config: Config, images: dict | None = None, local: bool = Fal
         profile: str = config.profile,
         models_uri: str = config.models_uri,
     ):
-        resolved = resolve(config_json=config_json, image_modalities=image_modalities,
+        resolved = resolve(config_json=config_json, code_version=code_version(),
+                           image_modalities=image_modalities,
                            use_metadata=use_metadata, cv_folds=cv_folds, folds=folds,
                            data_percentage=data_percentage, image_size=image_size,
                            backbone=backbone, pretrain_epochs=pretrain_epochs,
