@@ -101,7 +101,7 @@ def test_non_integer_visit_key_names_line_and_column(data):
     _write(path, header, rows)
     with pytest.raises(DataError) as info:
         read_clinical(path)
-    assert "row 7" in _message(info) and repr(schema.APPT_COLUMN) in _message(info)
+    assert "line 7" in _message(info) and repr(schema.APPT_COLUMN) in _message(info)
     assert "'two'" in _message(info)
 
 

@@ -96,7 +96,7 @@ def _to_int_column(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"{path}, row {row + 2} (line in file), column {column!r}: "
+            f"{path}, line {row + 2}, column {column!r}: "
             f"{frame[column].iloc[row]!r} is not an integer identifier"
         )
     return values.astype(int)
