@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from dfu_ml.data import schema
+from csv_helpers import csv_rows, visit_key
 from dfu_ml.data.prepare import (DATASET_FILE, REPORT_JSON, REPORT_MD, crop_resize_pad,
                                  load_prepared, prepare_dataset, save_prepared)
 from dfu_ml.data.synthetic import generate_synthetic_dataset, render_from_real
@@ -29,15 +30,7 @@ NAME = re.compile(r"^(\d+)_P(\d\d\d)(\d\d)(\d)([AB])([DT])([LMR])([WZ])\.png$")
 SCALE = 0.05
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        return header, [dict(zip(header, values)) for values in reader]
 
-
-def _key(row: dict) -> tuple:
-    return tuple(int(row[c]) for c in schema.VISIT_KEY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,24 +56,24 @@ def real_prepared(real_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_expected(real_dir):
     """Everything the report should say, computed from the CSVs with the csv module."""
-    _, clinical = _csv_rows(real_dir / schema.CLINICAL_CSV)
+    _, clinical = csv_rows(real_dir / schema.CLINICAL_CSV)
     first: dict[tuple, dict] = {}
     for row in clinical:
-        first.setdefault(_key(row), row)  # duplicated visit keys: the first row counts
+        first.setdefault(visit_key(row), row)  # duplicated visit keys: the first row counts
     mix = Counter(row[schema.LABEL_COLUMN].strip() for row in first.values())
-    _, depth = _csv_rows(real_dir / schema.DEPTH_BOX_CSV)
-    _, thermal = _csv_rows(real_dir / schema.THERMAL_BOX_CSV)
+    _, depth = csv_rows(real_dir / schema.DEPTH_BOX_CSV)
+    _, thermal = csv_rows(real_dir / schema.THERMAL_BOX_CSV)
 
     def capture(name):  # patient, appt, ulcer, debridement, angle, view (camera left out)
         g = NAME.match(name.strip()).groups()
         return (int(g[1]), int(g[2]), int(g[3]), g[4], g[6], g[7])
 
-    exact = {(capture(r["Filename"]), _key(r)) for r in thermal}
-    visit_debri = {(_key(r), capture(r["Filename"])[3]) for r in thermal}
-    visit_any = {_key(r) for r in thermal}
+    exact = {(capture(r["Filename"]), visit_key(r)) for r in thermal}
+    visit_debri = {(visit_key(r), capture(r["Filename"])[3]) for r in thermal}
+    visit_any = {visit_key(r) for r in thermal}
     matches = Counter()
     for r in depth:
-        visit = _key(r)
+        visit = visit_key(r)
         if visit not in first:
             matches["sets_without_clinical_row"] += 1
         elif (capture(r["Filename"]), visit) in exact:
@@ -96,7 +89,7 @@ def real_expected(real_dir):
         "duplicates": len(clinical) - len(first),
         "patients": len({k[0] for k in first}),
         "mix": {name: mix[name] for name in schema.CLASS_NAMES},
-        "image_sets": sum(_key(r) in first for r in depth),
+        "image_sets": sum(visit_key(r) in first for r in depth),
         "matches": matches,
         "depth_files": {r["Filename"].strip() for r in depth},
         "thermal_files": {r["Filename"].strip() for r in thermal},
@@ -146,10 +139,10 @@ def test_real_loose_matches_are_counted(real_prepared, real_expected):
 
 def test_real_set_labels_are_the_visit_labels(real_prepared, real_dir):
     _, dataset = real_prepared
-    _, clinical = _csv_rows(real_dir / schema.CLINICAL_CSV)
+    _, clinical = csv_rows(real_dir / schema.CLINICAL_CSV)
     first = {}
     for row in clinical:
-        first.setdefault(_key(row), LABEL_CODES[row[schema.LABEL_COLUMN].strip()])
+        first.setdefault(visit_key(row), LABEL_CODES[row[schema.LABEL_COLUMN].strip()])
     keys = zip(dataset.sets["patient"], dataset.sets["appt"], dataset.sets["dfu"])
     np.testing.assert_array_equal(dataset.set_labels(), [first[tuple(map(int, k))] for k in keys])
 
@@ -157,7 +150,7 @@ def test_real_set_labels_are_the_visit_labels(real_prepared, real_dir):
 def _write_subset(real_dir: Path, target: Path, n_box_rows: int, transform) -> None:
     """Copy the clinical CSV (through ``transform(header, rows)``) and the first box rows."""
     target.mkdir(parents=True)
-    header, rows = _csv_rows(real_dir / schema.CLINICAL_CSV)
+    header, rows = csv_rows(real_dir / schema.CLINICAL_CSV)
     rows = transform(header, rows)
     with open(target / schema.CLINICAL_CSV, "w", newline="", encoding="utf-8-sig") as handle:
         writer = csv.writer(handle)
@@ -190,8 +183,8 @@ def test_from_real_pixels_come_from_measurements_not_labels(real_dir, tmp_path):
     _write_subset(real_dir, tmp_path / "orig", n_boxes, lambda h, rows: rows)
     _write_subset(real_dir, tmp_path / "perm", n_boxes, _permute(label_columns))
     _write_subset(real_dir, tmp_path / "temp", n_boxes, _permute([schema.WOUND_TEMP]))
-    _, orig_rows = _csv_rows(tmp_path / "orig" / schema.CLINICAL_CSV)
-    _, perm_rows = _csv_rows(tmp_path / "perm" / schema.CLINICAL_CSV)
+    _, orig_rows = csv_rows(tmp_path / "orig" / schema.CLINICAL_CSV)
+    _, perm_rows = csv_rows(tmp_path / "perm" / schema.CLINICAL_CSV)
     changed = sum(a[schema.LABEL_COLUMN] != b[schema.LABEL_COLUMN]
                   for a, b in zip(orig_rows, perm_rows))
     assert changed > len(orig_rows) / 4  # the permutation really moved labels
@@ -279,9 +272,9 @@ def synth_prepared(synth_dir):
 
 def test_report_has_the_counts_a_user_checks(synth_dir, synth_prepared):
     report = synth_prepared.meta["report"]
-    _, clinical = _csv_rows(synth_dir / schema.CLINICAL_CSV)
-    _, depth = _csv_rows(synth_dir / schema.DEPTH_BOX_CSV)
-    keys = {_key(r) for r in clinical}
+    _, clinical = csv_rows(synth_dir / schema.CLINICAL_CSV)
+    _, depth = csv_rows(synth_dir / schema.DEPTH_BOX_CSV)
+    keys = {visit_key(r) for r in clinical}
     for key in ("image_sets", "visits", "patients", "class_mix_visits", "images_missing",
                 "loose_matches", "crops_clamped", "duplicate_visit_keys"):
         assert key in report, key
@@ -369,7 +362,7 @@ def synth_copy(synth_dir, tmp_path):
 
 
 def test_on_missing_image_skip_counts_and_flags(synth_copy):
-    _, depth = _csv_rows(synth_copy / schema.DEPTH_BOX_CSV)
+    _, depth = csv_rows(synth_copy / schema.DEPTH_BOX_CSV)
     name = depth[0]["Filename"]
     (synth_copy / schema.MODALITY_FOLDERS["depth_map"] / name).unlink()
     dataset = prepare_dataset(synth_copy, image_size=16, on_missing_image="skip")
@@ -382,7 +375,7 @@ def test_on_missing_image_skip_counts_and_flags(synth_copy):
 
 
 def test_on_missing_image_error_names_the_file(synth_copy):
-    _, thermal = _csv_rows(synth_copy / schema.THERMAL_BOX_CSV)
+    _, thermal = csv_rows(synth_copy / schema.THERMAL_BOX_CSV)
     name = thermal[-1]["Filename"]
     (synth_copy / schema.MODALITY_FOLDERS["thermal_rgb"] / name).unlink()
     with pytest.raises(DataError, match=re.escape(name)) as info:

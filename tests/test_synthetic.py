@@ -4,7 +4,6 @@ Expectations come from DATA.md (class mix, padding, frame sizes) and from readin
 files with the csv module and PIL.
 """
 
-import csv
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dfu_ml.data import schema
+from csv_helpers import csv_rows, visit_key
 from dfu_ml.data.prepare import prepare_dataset
 from dfu_ml.data.synthetic import generate_synthetic_dataset
 
@@ -21,15 +21,7 @@ DATA_MD_MIX = {"I": 31.0, "P": 55.7, "R": 13.3}  # percent of visits, DATA.md
 SCALE = 0.05
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        return header, [dict(zip(header, values)) for values in reader]
 
-
-def _key(row: dict) -> tuple:
-    return tuple(int(row[c]) for c in schema.VISIT_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +33,10 @@ def synth(tmp_path_factory):
 
 def test_class_mix_like_the_real_one(synth):
     out, _ = synth
-    _, rows = _csv_rows(out / schema.CLINICAL_CSV)
+    _, rows = csv_rows(out / schema.CLINICAL_CSV)
     visits = {}
     for row in rows:
-        visits.setdefault(_key(row), row[schema.LABEL_COLUMN])
+        visits.setdefault(visit_key(row), row[schema.LABEL_COLUMN])
     mix = Counter(visits.values())
     assert set(mix) == set(DATA_MD_MIX)
     for name, percent in DATA_MD_MIX.items():
@@ -53,7 +45,7 @@ def test_class_mix_like_the_real_one(synth):
 
 def test_several_visits_per_patient(synth):
     out, summary = synth
-    _, rows = _csv_rows(out / schema.CLINICAL_CSV)
+    _, rows = csv_rows(out / schema.CLINICAL_CSV)
     per_patient = defaultdict(set)
     for row in rows:
         per_patient[int(row["Patient#"])].add((int(row["Appt#"]), int(row["DFU#"])))
@@ -68,13 +60,13 @@ def test_clinical_csv_has_the_real_quirks(synth):
     raw = (out / schema.CLINICAL_CSV).read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf")
     header_line = raw[3:].split(b"\r\n")[0].split(b"\n")[0].decode("utf-8")
-    header, rows = _csv_rows(out / schema.CLINICAL_CSV)
+    header, rows = csv_rows(out / schema.CLINICAL_CSV)
     assert len(header) == 72 and header[0] == "ID"
     assert header == list(schema.CLINICAL_COLUMNS)
     for column in (c for c in header if "," in c):
         assert f'"{column}"' in header_line  # quoted because of the comma
     assert all(len(r) == 72 for r in rows)
-    keys = Counter(_key(r) for r in rows)
+    keys = Counter(visit_key(r) for r in rows)
     assert any(n > 1 for n in keys.values())  # a duplicated visit key, as in the real file
     assert len(rows) == summary["clinical_rows"]
     # Text codes despite numeric-looking headers, and some missing temperatures.
@@ -85,8 +77,8 @@ def test_clinical_csv_has_the_real_quirks(synth):
 
 def test_box_csvs_padding(synth):
     out, _ = synth
-    _, depth = _csv_rows(out / schema.DEPTH_BOX_CSV)
-    _, thermal = _csv_rows(out / schema.THERMAL_BOX_CSV)
+    _, depth = csv_rows(out / schema.DEPTH_BOX_CSV)
+    _, thermal = csv_rows(out / schema.THERMAL_BOX_CSV)
     assert depth and thermal
     assert all(re.fullmatch(r"\d{3}", r["Patient#"]) and re.fullmatch(r"\d{2}", r["Appt#"])
                for r in depth)
@@ -114,7 +106,7 @@ def test_every_box_row_has_its_images(synth):
     out, _ = synth
     for name, modalities in ((schema.DEPTH_BOX_CSV, ("depth_rgb", "depth_map")),
                              (schema.THERMAL_BOX_CSV, ("thermal_rgb", "thermal_map"))):
-        _, rows = _csv_rows(out / name)
+        _, rows = csv_rows(out / name)
         for modality in modalities:
             present = {p.name for p in (out / schema.MODALITY_FOLDERS[modality]).glob("*.png")}
             assert {r["Filename"] for r in rows} == present
@@ -122,8 +114,8 @@ def test_every_box_row_has_its_images(synth):
 
 def test_two_ulcers_share_one_image(synth):
     out, _ = synth
-    _, clinical = _csv_rows(out / schema.CLINICAL_CSV)
-    _, depth = _csv_rows(out / schema.DEPTH_BOX_CSV)
+    _, clinical = csv_rows(out / schema.CLINICAL_CSV)
+    _, depth = csv_rows(out / schema.DEPTH_BOX_CSV)
     two_dfus = {int(r["Patient#"]) for r in clinical if int(r["DFU#"]) == 2}
     assert two_dfus  # premise: some patient has two ulcers
     dfus_per_file = defaultdict(set)
@@ -147,7 +139,7 @@ def test_synthetic_dataset_prepares_with_loose_matches(synth):
 
 
 def _wound_temp_gap(folder: Path) -> float:
-    _, rows = _csv_rows(folder / schema.CLINICAL_CSV)
+    _, rows = csv_rows(folder / schema.CLINICAL_CSV)
     temps = {"I": [], "R": []}
     for r in rows:
         if r[schema.LABEL_COLUMN] in temps and r[schema.WOUND_TEMP] != "":

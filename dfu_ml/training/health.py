@@ -26,6 +26,15 @@ def _used_stages(fold: dict) -> list[dict]:
     return stages
 
 
+def _stage_minimum(folds: list[dict], key: str, minimum: int, name: str, what: str) -> dict:
+    """Check that every stage of every fold has at least ``minimum`` of ``key``."""
+    figures = [(f["fold"], s["stage"], s[key]) for f in folds
+               for s in [*f["pretrain"].values(), f["stage1"], f["stage2"]]]
+    fold, stage, lowest = min(figures, key=lambda t: t[2])
+    return _check(name, lowest >= minimum, lowest,
+                  f"{what} ({stage}, fold {fold}); minimum {minimum}")
+
+
 def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict:
     """Run every check over the cross-validation folds.
 
@@ -64,20 +73,10 @@ def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict
                                  round(min(moved), 5),
                                  "smallest change of the RF fusion weight from its initial value "
                                  "(0 means a fixed or gradient-starved fusion)"))
-        params = [(f["fold"], s["stage"], s["trainable_params"]) for f in folds
-                  for s in [*f["pretrain"].values(), f["stage1"], f["stage2"]]]
-        low = min(params, key=lambda t: t[2])
-        checks.append(_check("trainable_params_minimum",
-                             low[2] >= config.health_min_trainable_params, low[2],
-                             f"fewest trainable parameters ({low[1]}, fold {low[0]}); minimum "
-                             f"{config.health_min_trainable_params}"))
-        steps = [(f["fold"], s["stage"], s["steps_per_epoch"]) for f in folds
-                 for s in [*f["pretrain"].values(), f["stage1"], f["stage2"]]]
-        few = min(steps, key=lambda t: t[2])
-        checks.append(_check("steps_per_epoch_minimum",
-                             few[2] >= config.health_min_steps_per_epoch, few[2],
-                             f"fewest steps per epoch ({few[1]}, fold {few[0]}); minimum "
-                             f"{config.health_min_steps_per_epoch}"))
+        checks.append(_stage_minimum(folds, "trainable_params", config.health_min_trainable_params,
+                                     "trainable_params_minimum", "fewest trainable parameters"))
+        checks.append(_stage_minimum(folds, "steps_per_epoch", config.health_min_steps_per_epoch,
+                                     "steps_per_epoch_minimum", "fewest steps per epoch"))
     checks.append(_check("final_kappa_above_threshold",
                          not np.isnan(mean_kappa) and mean_kappa > config.health_min_kappa,
                          round(float(mean_kappa), 4),
