@@ -4,11 +4,12 @@
 #   bash docker/ci_images.sh          (as root; state kept under ${DFU_CI_CACHE:-/var/tmp/dfu-kfp-ci})
 # Prints `SKIP: ...` and exits 0 when podman cannot be installed or cannot run on this machine.
 #
-# Later (kfp.local.DockerRunner test, not done here): docker-py and the docker CLI can use the
-# images built here through podman's Docker-compatible API, with C=${DFU_CI_CACHE:-/var/tmp/dfu-kfp-ci}:
+# The images built here also serve docker-py and the docker CLI through podman's Docker-compatible
+# API; .ci/run starts it for tests/test_docker_runner.py (kfp.local.DockerRunner). By hand, with
+# C=${DFU_CI_CACHE:-/var/tmp/dfu-kfp-ci}:
 #   export CONTAINERS_STORAGE_CONF=$C/conf/storage.conf CONTAINERS_CONF=$C/conf/containers.conf
 #   podman system service --time=0 unix://$C/podman.sock &    # kill its pid when done
-#   export DOCKER_HOST=unix://$C/podman.sock
+#   export DOCKER_HOST=unix://$C/podman.sock DFU_DOCKER_HOST=unix://$C/podman.sock
 set -euo pipefail
 
 # ===================== commands run inside the image: adjust when the CLIs change =====================

@@ -7,6 +7,7 @@ With no ``--data`` it generates a synthetic dataset and uses a local folder as t
 
 import builtins
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -140,7 +141,10 @@ def _docker_runner(out: Path, pipeline_root: Path, data: str, models_uri: str):
     become world-writable. Host network, so that an S3 endpoint on localhost is reachable; the
     DFU_S3_* variables are passed in (the Kubernetes secret's job on a cluster).
     """
-    from docker.types import Mount
+    try:
+        from docker.types import Mount
+    except ImportError as err:
+        raise ImportError("runner='docker' needs docker-py: pip install docker") from err
     from kfp import local
 
     writable = [pipeline_root]
@@ -198,9 +202,14 @@ def run_local(config: Config, data: str | None, out: Path, synth_patients: int =
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     store = out / "store"
     if data is None:
+        from dfu_ml.data import synthetic
         from dfu_ml.data.synthetic import generate_synthetic_dataset
 
-        data_dir = store / "datasets" / f"synthetic-p{synth_patients}-s{config.seed}"
+        # Keyed by everything that shapes the data, the generator's code included, so a later
+        # run never reuses a dataset made by other code or settings.
+        generator = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:10]
+        data_dir = (store / "datasets" /
+                    f"synthetic-p{synth_patients}-s{config.seed}-x{DEFAULT_SYNTH_SCALE}-{generator}")
         if not (data_dir / "DataMaster_Processed_V12_WithMissing.csv").is_file():
             log(f"generating a synthetic dataset ({synth_patients} patients) in {data_dir}")
             generate_synthetic_dataset(data_dir, patients=synth_patients, seed=config.seed,
