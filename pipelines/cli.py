@@ -35,7 +35,8 @@ def _run(args) -> None:
     from pipelines.local_run import run_local
 
     out = args.out or Path("runs") / "latest"
-    summary = run_local(_config(args), args.data, out, synth_patients=args.synth_patients)
+    summary = run_local(_config(args), args.data, out, synth_patients=args.synth_patients,
+                        runner=args.runner)
     if args.strict and not summary["blessed"]:
         raise SystemExit(1)
 
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: runs/latest)")
     run.add_argument("--synth-patients", type=int, default=40)
     run.add_argument("--strict", action="store_true", help="exit 1 when the health verdict fails")
+    run.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                     help="run each step in this Python (default) or in its component image "
+                          "through kfp's DockerRunner (set DOCKER_HOST for podman's socket)")
     run.set_defaults(func=_run)
 
     comp = sub.add_parser("compile", help="compile the pipeline to YAML for a KFP backend")
