@@ -41,3 +41,13 @@ def s3_env(s3_server, monkeypatch):
     with urllib.request.urlopen(reset, timeout=10) as response:
         assert response.status == 200
     return dict(s3_server)
+
+
+# Training tests (test_resampling, test_clinical_rf, test_stages, ...): quiet TensorFlow start-up
+# (must happen before keras is imported) and session-wide synthetic datasets.
+import os  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from fixtures_data import prepared_synthetic, synthetic_dir  # noqa: E402,F401

@@ -78,6 +78,14 @@ def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> k
                   "weights": "imagenet" if weights == "imagenet" else None}
         if backbone == "MobileNetV3Small":
             kwargs["include_preprocessing"] = True
+        if backbone.startswith("DenseNet"):
+            # DenseNet has no built-in preprocessing (EfficientNet and MobileNetV3 do): add its
+            # ImageNet "torch" preprocessing (x / 255, then per-channel mean/std) in front.
+            raw = keras.Input((image_size, image_size, 3), name=f"{name}_input")
+            x = layers.Rescaling(1.0 / 255.0, name="rescale_255")(raw)
+            kwargs["input_tensor"] = layers.Normalization(
+                mean=[0.485, 0.456, 0.406], variance=[0.229 ** 2, 0.224 ** 2, 0.225 ** 2],
+                name="imagenet_normalization")(x)
         model = factory(**kwargs)
         model.name = name
     if weights not in ("none", "imagenet", "", None):
@@ -197,9 +205,15 @@ def unfreeze_top_of_backbones(model: keras.Model, modalities: list[str], fractio
         backbone = encoder.get_layer(backbone_name(modality))
         backbone.trainable = True
         weighted = [layer for layer in backbone.layers if layer.weights]
-        first_unfrozen = len(weighted) - max(1, round(fraction * len(weighted))) if fraction else len(weighted)
-        for i, layer in enumerate(weighted):
-            layer.trainable = i >= first_unfrozen and not isinstance(layer, layers.BatchNormalization)
+        # The fraction counts the layers that can be unfrozen: counted over BatchNorm layers too,
+        # the top "layer" of every backbone here is a BatchNorm and a small fraction unfroze nothing.
+        tunable = [layer for layer in weighted if not isinstance(layer, layers.BatchNormalization)]
+        first_unfrozen = len(tunable) - max(1, round(fraction * len(tunable))) if fraction else len(tunable)
+        for layer in weighted:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False
+        for i, layer in enumerate(tunable):
+            layer.trainable = i >= first_unfrozen
 
 
 def save_encoder(encoder: keras.Model, directory: Path, description: dict) -> None:
