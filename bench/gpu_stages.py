@@ -53,21 +53,40 @@ def main() -> None:
     from dfu_ml.training.fold import fold_rf, plan_fold, run_pretrain, run_stage1, run_stage2
 
     epochs = args.epochs
-    config = load_config(args.profile, [
-        f"pretrain_epochs={epochs}", f"stage1_epochs={epochs}", f"stage2_epochs={epochs}",
-        f"early_stopping_patience={epochs}", *args.set])
+    config = load_config(
+        args.profile,
+        [
+            f"pretrain_epochs={epochs}",
+            f"stage1_epochs={epochs}",
+            f"stage2_epochs={epochs}",
+            f"early_stopping_patience={epochs}",
+            *args.set,
+        ],
+    )
     work = args.work or Path(tempfile.mkdtemp(prefix="dfu-bench-"))
-    figures = {"backend": keras.backend.backend(), "device": device_name(),
-               "keras": keras.__version__, "profile": config.profile, "backbone": config.backbone,
-               "image_size": config.image_size, "batch_size": config.batch_size, "stages": {}}
+    figures = {
+        "backend": keras.backend.backend(),
+        "device": device_name(),
+        "keras": keras.__version__,
+        "profile": config.profile,
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "stages": {},
+    }
     start = time.time()
     if not (work / "data" / "bounding_box_depth.csv").is_file():  # reuse a --work folder's data
-        generate_synthetic_dataset(work / "data", patients=args.patients, seed=0,
-                                   image_scale=args.image_scale)
+        generate_synthetic_dataset(
+            work / "data", patients=args.patients, seed=0, image_scale=args.image_scale
+        )
     figures["synth_seconds"] = round(time.time() - start, 1)
     start = time.time()
-    dataset = prepare_dataset(work / "data", image_size=config.image_size,
-                              modalities=config.image_modalities, crop_margins=config.crop_margins)
+    dataset = prepare_dataset(
+        work / "data",
+        image_size=config.image_size,
+        modalities=config.image_modalities,
+        crop_margins=config.crop_margins,
+    )
     figures["prepare_seconds"] = round(time.time() - start, 1)
     plan = plan_fold(dataset, config, 0)
     rf_proba, _ = fold_rf(dataset, config, plan)
@@ -84,12 +103,19 @@ def main() -> None:
     figures["stages"]["stage2"] = stage2.summary()
 
     print(json.dumps({k: v for k, v in figures.items() if k != "stages"}))
-    print(f"{'stage':<24}{'seconds':>9}{'epochs':>8}{'rows':>7}{'img/s':>9}{'params':>12}{'kappa':>8}")
+    print(
+        f"{'stage':<24}{'seconds':>9}{'epochs':>8}{'rows':>7}{'img/s':>9}{'params':>12}{'kappa':>8}"
+    )
     for name, s in figures["stages"].items():
-        images = s["train_rows"] * s["epochs_run"] * max(1, name.count("[") or len(
-            config.image_modalities))
-        print(f"{name:<24}{s['seconds']:>9.1f}{s['epochs_run']:>8}{s['train_rows']:>7}"
-              f"{images / s['seconds']:>9.0f}{s['trainable_params']:>12,}{s['best_val_kappa']:>8.3f}")
+        images = (
+            s["train_rows"]
+            * s["epochs_run"]
+            * max(1, name.count("[") or len(config.image_modalities))
+        )
+        print(
+            f"{name:<24}{s['seconds']:>9.1f}{s['epochs_run']:>8}{s['train_rows']:>7}"
+            f"{images / s['seconds']:>9.0f}{s['trainable_params']:>12,}{s['best_val_kappa']:>8.3f}"
+        )
 
 
 if __name__ == "__main__":

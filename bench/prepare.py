@@ -60,8 +60,11 @@ def files_prepare_decodes(work: Path) -> list[Path]:
     from dfu_ml.data.reading import read_boxes, read_clinical
 
     visits, _ = deduplicate_visits(read_clinical(work / schema.CLINICAL_CSV))
-    sets, _ = match_image_sets(visits, read_boxes(work / schema.DEPTH_BOX_CSV, "D"),
-                               read_boxes(work / schema.THERMAL_BOX_CSV, "T"))
+    sets, _ = match_image_sets(
+        visits,
+        read_boxes(work / schema.DEPTH_BOX_CSV, "D"),
+        read_boxes(work / schema.THERMAL_BOX_CSV, "T"),
+    )
     paths: dict[Path, None] = {}
     for row in sets.itertuples(index=False):
         for modality in schema.IMAGE_MODALITIES:
@@ -91,6 +94,7 @@ def measure(kind: str, work: Path, image_size: int) -> dict:
     files = files_prepare_decodes(work)
     baseline = _current_rss_mib()
     if kind == "decode":
+
         def decode(path: Path):
             with Image.open(path) as img:
                 img.load()
@@ -108,14 +112,27 @@ def measure(kind: str, work: Path, image_size: int) -> dict:
         assert dataset.meta["report"]["images_missing"] == 0
     else:
         raise ValueError(kind)
-    return {"kind": kind, "images": len(files), "seconds": seconds,
-            "images_per_s": len(files) / seconds, "peak_rss_mib": _rss_mib(),
-            "rss_after_imports_mib": baseline}
+    return {
+        "kind": kind,
+        "images": len(files),
+        "seconds": seconds,
+        "images_per_s": len(files) / seconds,
+        "peak_rss_mib": _rss_mib(),
+        "rss_after_imports_mib": baseline,
+    }
 
 
 def _run_child(kind: str, work: Path, image_size: int) -> dict:
-    command = [sys.executable, __file__, "--measure", kind, "--work", str(work),
-               "--image-size", str(image_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        kind,
+        "--work",
+        str(work),
+        "--image-size",
+        str(image_size),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"measurement {kind} failed:\n{result.stderr}")
@@ -127,8 +144,9 @@ def _warm_page_cache(files: list[Path]) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", type=Path, help="dataset folder (default: a temp folder)")
     parser.add_argument("--patients", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -147,30 +165,42 @@ def main(argv=None) -> int:
         info = ensure_dataset(work, args.patients, args.seed)
         files = files_prepare_decodes(work)
         size_mb = _warm_page_cache(files) / 1e6
-        print(f"dataset: {work} ({args.patients} patients, seed {args.seed}, full-size frames; "
-              f"generated in {info['generate_s']:.1f} s)")
-        print(f"  {info['summary']['depth_boxes']} image sets, {len(files)} PNGs that prepare "
-              f"decodes ({size_mb:.0f} MB on disk), thread pool {_pool_size()}, "
-              f"image_size {args.image_size}")
-        print(f"  python {platform.python_version()}, {os.cpu_count()} CPUs, load average "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before")
+        print(
+            f"dataset: {work} ({args.patients} patients, seed {args.seed}, full-size frames; "
+            f"generated in {info['generate_s']:.1f} s)"
+        )
+        print(
+            f"  {info['summary']['depth_boxes']} image sets, {len(files)} PNGs that prepare "
+            f"decodes ({size_mb:.0f} MB on disk), thread pool {_pool_size()}, "
+            f"image_size {args.image_size}"
+        )
+        print(
+            f"  python {platform.python_version()}, {os.cpu_count()} CPUs, load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before"
+        )
         runs = {"decode": [], "prepare": []}
         for _ in range(args.repeat):  # interleaved, so both see the same machine state
             for kind in runs:
                 runs[kind].append(_run_child(kind, work, args.image_size))
-        print(f"{'':9}{'best s':>8}{'median s':>10}{'images/s best':>15}{'images/s median':>17}"
-              f"{'peak RSS MiB':>14}{'RSS before work':>17}")
+        print(
+            f"{'':9}{'best s':>8}{'median s':>10}{'images/s best':>15}{'images/s median':>17}"
+            f"{'peak RSS MiB':>14}{'RSS before work':>17}"
+        )
         best, median = {}, {}
         for kind, results in runs.items():
             seconds = [r["seconds"] for r in results]
             best[kind], median[kind] = min(seconds), statistics.median(seconds)
-            print(f"{kind:9}{best[kind]:8.2f}{median[kind]:10.2f}{len(files) / best[kind]:15.1f}"
-                  f"{len(files) / median[kind]:17.1f}"
-                  f"{max(r['peak_rss_mib'] for r in results):14.0f}"
-                  f"{max(r['rss_after_imports_mib'] for r in results):17.0f}")
-        print(f"prepare / decode time ratio: best {best['prepare'] / best['decode']:.2f}x, median "
-              f"{median['prepare'] / median['decode']:.2f}x (load average "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after)")
+            print(
+                f"{kind:9}{best[kind]:8.2f}{median[kind]:10.2f}{len(files) / best[kind]:15.1f}"
+                f"{len(files) / median[kind]:17.1f}"
+                f"{max(r['peak_rss_mib'] for r in results):14.0f}"
+                f"{max(r['rss_after_imports_mib'] for r in results):17.0f}"
+            )
+        print(
+            f"prepare / decode time ratio: best {best['prepare'] / best['decode']:.2f}x, median "
+            f"{median['prepare'] / median['decode']:.2f}x (load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after)"
+        )
     return 0
 
 

@@ -1,13 +1,21 @@
 """Step ``clinical_rf``: fold -> random-forest probabilities (out-of-fold for training visits)."""
 
-
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Output
 
-from components.common import (FOLD_RESULT_FILE, PLAN_FILE, RF_FOREST_FILE, RF_PROBA_FILE,
-                               RF_TRANSFORMER_FILE, add_config_argument, cli, read_json,
-                               resolve_config, write_json)
+from components.common import (
+    FOLD_RESULT_FILE,
+    PLAN_FILE,
+    RF_FOREST_FILE,
+    RF_PROBA_FILE,
+    RF_TRANSFORMER_FILE,
+    add_config_argument,
+    cli,
+    read_json,
+    resolve_config,
+    write_json,
+)
 from dfu_ml.config import Config
 
 
@@ -32,14 +40,18 @@ def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) 
     result = {"fold": plan["fold"], "pretrain": {}}
     if plan["val_rows"]:
         result.update(fold_predictions(dataset, config, plan, proba))
-        print(f"clinical RF, fold {plan['fold']}: validation quadratic kappa "
-              f"{result['metrics']['per_row']['quadratic_kappa']:.4f}", flush=True)
+        print(
+            f"clinical RF, fold {plan['fold']}: validation quadratic kappa "
+            f"{result['metrics']['per_row']['quadratic_kappa']:.4f}",
+            flush=True,
+        )
     write_json(out / FOLD_RESULT_FILE, result)
     return result
 
 
-def clinical_rf_op(prepared: Input[Dataset], fold_plan: Input[Dataset], config: Input[Dataset],
-                   rf: Output[Dataset]):
+def clinical_rf_op(
+    prepared: Input[Dataset], fold_plan: Input[Dataset], config: Input[Dataset], rf: Output[Dataset]
+):
     """Fit the clinical random forest on the fold's training visits: out-of-fold probabilities for
     training visits (inner CV grouped by patient), forest probabilities for validation visits.
 
@@ -54,8 +66,9 @@ def clinical_rf_op(prepared: Input[Dataset], fold_plan: Input[Dataset], config: 
     from components.clinical_rf import run_clinical_rf
     from components.common import config_from_artifact
 
-    result = run_clinical_rf(Path(prepared.path), Path(fold_plan.path), config_from_artifact(config.path),
-                             Path(rf.path))
+    result = run_clinical_rf(
+        Path(prepared.path), Path(fold_plan.path), config_from_artifact(config.path), Path(rf.path)
+    )
     if "metrics" in result:
         rf.metadata["val_quadratic_kappa"] = result["metrics"]["per_row"]["quadratic_kappa"]
 
@@ -67,8 +80,13 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli("components.clinical_rf", __doc__, add, lambda a: run_clinical_rf(a.prepared, a.fold_plan,
-                                                       resolve_config(a.config), a.out), argv)
+    return cli(
+        "components.clinical_rf",
+        __doc__,
+        add,
+        lambda a: run_clinical_rf(a.prepared, a.fold_plan, resolve_config(a.config), a.out),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """What every step shares: quiet TensorFlow, config parsing, JSON files and the CLI scaffold."""
 
-
 import argparse
 import json
 import os
@@ -103,8 +102,13 @@ def _stage_s3_arguments(args: argparse.Namespace, scratch: Path) -> list[tuple[P
     return uploads
 
 
-def cli(module: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-        run: Callable[[argparse.Namespace], object], argv=None) -> int:
+def cli(
+    module: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], object],
+    argv=None,
+) -> int:
     """Parse arguments, run the step, and print expected errors without a traceback.
 
     Every folder argument may also be an ``s3://`` URI (for example a pipeline artifact in the
@@ -130,5 +134,8 @@ def cli(module: str, description: str, add_arguments: Callable[[argparse.Argumen
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="smoke",
-                        help="profile name (smoke, paper), YAML file or config JSON (default: smoke)")
+    parser.add_argument(
+        "--config",
+        default="smoke",
+        help="profile name (smoke, paper), YAML file or config JSON (default: smoke)",
+    )

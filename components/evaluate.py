@@ -1,13 +1,19 @@
 """Step ``evaluate``: all folds -> metrics, confusion matrices, plots, health verdict, blessing."""
 
-
 from pathlib import Path
 from typing import List, NamedTuple
 
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Output
 
-from components.common import (FOLD_RESULT_FILE, SUMMARY_FILE, add_config_argument, cli,
-                               read_json, resolve_config, write_json)
+from components.common import (
+    FOLD_RESULT_FILE,
+    SUMMARY_FILE,
+    add_config_argument,
+    cli,
+    read_json,
+    resolve_config,
+    write_json,
+)
 from dfu_ml.config import Config
 
 
@@ -27,12 +33,17 @@ def run_evaluate(fold_results: list[Path], config: Config, out: Path) -> dict:
     return summary
 
 
-def evaluate_op(fold_results: Input[List[Artifact]], config: Input[Dataset], summary: Output[Dataset],
-                metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
-                report: Output[HTML]) -> NamedTuple("Evaluation", [("blessed", bool),
-                                                                   ("pretrain_epochs", int),
-                                                                   ("stage1_epochs", int),
-                                                                   ("stage2_epochs", int)]):
+def evaluate_op(
+    fold_results: Input[List[Artifact]],
+    config: Input[Dataset],
+    summary: Output[Dataset],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+) -> NamedTuple(
+    "Evaluation",
+    [("blessed", bool), ("pretrain_epochs", int), ("stage1_epochs", int), ("stage2_epochs", int)],
+):
     """Compute metrics per fold and across folds (per image-set row and per visit), the
     training-health verdict and the blessing that gates publishing, and the epochs the final
     fit trains for.
@@ -53,29 +64,46 @@ def evaluate_op(fold_results: Input[List[Artifact]], config: Input[Dataset], sum
     from components.evaluate import run_evaluate
     from dfu_ml.data.schema import CLASS_NAMES
 
-    result = run_evaluate([Path(f.path) for f in fold_results], config_from_artifact(config.path),
-                          Path(summary.path))
-    log_metrics(metrics, {f"{level}_{key}_mean": value["mean"]
-                          for level in ("per_row", "per_visit")
-                          for key, value in result["mean"][level].items()})
+    result = run_evaluate(
+        [Path(f.path) for f in fold_results], config_from_artifact(config.path), Path(summary.path)
+    )
+    log_metrics(
+        metrics,
+        {
+            f"{level}_{key}_mean": value["mean"]
+            for level in ("per_row", "per_visit")
+            for key, value in result["mean"][level].items()
+        },
+    )
     log_metrics(metrics, {"health_passed": int(result["health"]["passed"])})
     confusion.log_confusion_matrix(list(CLASS_NAMES), result["confusion_matrix_total"])
     shutil.copyfile(result["files"]["report"], report.path)
     epochs = result["final_fit_epochs"]
-    output = namedtuple("Evaluation", ["blessed", "pretrain_epochs", "stage1_epochs",
-                                       "stage2_epochs"])
+    output = namedtuple(
+        "Evaluation", ["blessed", "pretrain_epochs", "stage1_epochs", "stage2_epochs"]
+    )
     return output(result["blessed"], epochs["pretrain"], epochs["stage1"], epochs["stage2"])
 
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--fold-result", action="append", type=str, required=True,
-                            help="a folder holding fold_result.json; repeat for each fold")
+        parser.add_argument(
+            "--fold-result",
+            action="append",
+            type=str,
+            required=True,
+            help="a folder holding fold_result.json; repeat for each fold",
+        )
         parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli("components.evaluate", __doc__, add, lambda a: run_evaluate(a.fold_result, resolve_config(a.config),
-                                                    a.out), argv)
+    return cli(
+        "components.evaluate",
+        __doc__,
+        add,
+        lambda a: run_evaluate(a.fold_result, resolve_config(a.config), a.out),
+        argv,
+    )
 
 
 if __name__ == "__main__":

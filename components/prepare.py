@@ -1,6 +1,5 @@
 """Step ``prepare``: a dataset location (local folder or s3://) -> prepared dataset + data report."""
 
-
 import tempfile
 from pathlib import Path
 
@@ -18,10 +17,13 @@ def run_prepare(data: str, config: Config, out: Path, report_path: Path | None =
 
     with tempfile.TemporaryDirectory(prefix="dfu-data-") as scratch:
         folder = download_tree(data, Path(scratch) / "data") if is_s3_uri(data) else Path(data)
-        dataset = prepare_dataset(folder, image_size=config.image_size,
-                                  modalities=config.image_modalities,
-                                  crop_margins=config.crop_margins,
-                                  on_missing_image=config.on_missing_image)
+        dataset = prepare_dataset(
+            folder,
+            image_size=config.image_size,
+            modalities=config.image_modalities,
+            crop_margins=config.crop_margins,
+            on_missing_image=config.on_missing_image,
+        )
     dataset.meta["source"] = data
     save_prepared(dataset, out)
     report = dataset.meta["report"]
@@ -31,7 +33,9 @@ def run_prepare(data: str, config: Config, out: Path, report_path: Path | None =
     return report
 
 
-def prepare_op(data: str, config: Input[Dataset], prepared: Output[Dataset], report: Output[Markdown]):
+def prepare_op(
+    data: str, config: Input[Dataset], prepared: Output[Dataset], report: Output[Markdown]
+):
     """Read a dataset in the study's layout, crop every modality's wound box and pack the crops,
     the row index and the clinical table into one versioned artifact with a data report.
 
@@ -46,7 +50,9 @@ def prepare_op(data: str, config: Input[Dataset], prepared: Output[Dataset], rep
     from components.common import config_from_artifact
     from components.prepare import run_prepare
 
-    summary = run_prepare(data, config_from_artifact(config.path), Path(prepared.path), Path(report.path))
+    summary = run_prepare(
+        data, config_from_artifact(config.path), Path(prepared.path), Path(report.path)
+    )
     prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 
@@ -56,7 +62,13 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True, type=str, help="output folder")
         add_config_argument(parser)
 
-    return cli("components.prepare", __doc__, add, lambda a: run_prepare(a.data, resolve_config(a.config), a.out), argv)
+    return cli(
+        "components.prepare",
+        __doc__,
+        add,
+        lambda a: run_prepare(a.data, resolve_config(a.config), a.out),
+        argv,
+    )
 
 
 if __name__ == "__main__":

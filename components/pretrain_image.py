@@ -1,6 +1,5 @@
 """Step ``pretrain_image``: fold x image modality -> encoder artifact, history and metrics."""
 
-
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -9,8 +8,9 @@ from components.common import PLAN_FILE, add_config_argument, cli, read_json, re
 from dfu_ml.config import Config
 
 
-def run_pretrain_image(prepared: Path, fold_plan: Path, modality: str, config: Config, out: Path,
-                       epochs: int = 0) -> dict:
+def run_pretrain_image(
+    prepared: Path, fold_plan: Path, modality: str, config: Config, out: Path, epochs: int = 0
+) -> dict:
     """Pre-train one modality's image model and save its encoder (no ``output`` layer) in ``out``.
 
     ``epochs`` > 0 overrides the configured maximum (the final fit uses the folds' best epochs).
@@ -20,17 +20,26 @@ def run_pretrain_image(prepared: Path, fold_plan: Path, modality: str, config: C
     from dfu_ml.training.fold import run_pretrain
 
     if modality not in config.image_modalities:
-        raise ConfigError(f"--modality {modality!r} is not among the run's image modalities "
-                          f"{config.image_modalities}")
+        raise ConfigError(
+            f"--modality {modality!r} is not among the run's image modalities "
+            f"{config.image_modalities}"
+        )
     plan = read_json(Path(fold_plan) / PLAN_FILE)
-    result = run_pretrain(load_prepared(prepared), config, plan, modality, Path(out),
-                          epochs=epochs or None)
+    result = run_pretrain(
+        load_prepared(prepared), config, plan, modality, Path(out), epochs=epochs or None
+    )
     return result.summary()
 
 
-def pretrain_image_op(prepared: Input[Dataset], fold_plan: Input[Dataset], modality: str,
-                      config: Input[Dataset], encoder: Output[Model], metrics: Output[Metrics],
-                      final_fit: Input[Dataset] = None):
+def pretrain_image_op(
+    prepared: Input[Dataset],
+    fold_plan: Input[Dataset],
+    modality: str,
+    config: Input[Dataset],
+    encoder: Output[Model],
+    metrics: Output[Metrics],
+    final_fit: Input[Dataset] = None,
+):
     """Pre-train the standalone image model of one modality (focal loss with equal alpha, early
     stopping on validation quadratic kappa) and export its encoder for Stage 1.
 
@@ -49,11 +58,21 @@ def pretrain_image_op(prepared: Input[Dataset], fold_plan: Input[Dataset], modal
     from components.common import config_from_artifact, final_fit_epochs, log_metrics
     from components.pretrain_image import run_pretrain_image
 
-    summary = run_pretrain_image(Path(prepared.path), Path(fold_plan.path), modality,
-                                 config_from_artifact(config.path), Path(encoder.path),
-                                 final_fit_epochs(final_fit, "pretrain"))
-    log_metrics(metrics, {f"{modality}_{key}": summary[key] for key in
-                          ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch")})
+    summary = run_pretrain_image(
+        Path(prepared.path),
+        Path(fold_plan.path),
+        modality,
+        config_from_artifact(config.path),
+        Path(encoder.path),
+        final_fit_epochs(final_fit, "pretrain"),
+    )
+    log_metrics(
+        metrics,
+        {
+            f"{modality}_{key}": summary[key]
+            for key in ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch")
+        },
+    )
     encoder.metadata.update({"modality": modality, "best_epoch": summary["best_epoch"]})
 
 
@@ -66,8 +85,15 @@ def main(argv=None) -> int:
         parser.add_argument("--epochs", type=int, default=0)
         add_config_argument(parser)
 
-    return cli("components.pretrain_image", __doc__, add, lambda a: run_pretrain_image(
-        a.prepared, a.fold_plan, a.modality, resolve_config(a.config), a.out, a.epochs), argv)
+    return cli(
+        "components.pretrain_image",
+        __doc__,
+        add,
+        lambda a: run_pretrain_image(
+            a.prepared, a.fold_plan, a.modality, resolve_config(a.config), a.out, a.epochs
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Step ``publish``: assemble the final model bundle and, if blessed, push it to the models bucket."""
 
-
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Model, Output
@@ -9,17 +8,33 @@ from components.common import add_config_argument, cli, resolve_config
 from dfu_ml.config import Config
 
 
-def run_publish(rf: Path, summary: Path, config: Config, out: Path, model: Path | None = None,
-                models_uri: str = "", data: str = "") -> dict:
+def run_publish(
+    rf: Path,
+    summary: Path,
+    config: Config,
+    out: Path,
+    model: Path | None = None,
+    models_uri: str = "",
+    data: str = "",
+) -> dict:
     """Write the bundle into ``out``; upload it under ``models_uri`` only when the run is blessed."""
     from dfu_ml.bundle import assemble_bundle
     from dfu_ml.storage import copy_tree
 
-    manifest = assemble_bundle(out, config, rf_dir=Path(rf), summary_dir=Path(summary),
-                               model_dir=None if model is None else Path(model), data=data)
+    manifest = assemble_bundle(
+        out,
+        config,
+        rf_dir=Path(rf),
+        summary_dir=Path(summary),
+        model_dir=None if model is None else Path(model),
+        data=data,
+    )
     if not manifest["blessed"]:
-        print("NOT PUBLISHED: the training-health verdict failed; the bundle is kept in the run's "
-              f"artifacts only ({out})", flush=True)
+        print(
+            "NOT PUBLISHED: the training-health verdict failed; the bundle is kept in the run's "
+            f"artifacts only ({out})",
+            flush=True,
+        )
     elif models_uri:
         target = models_uri.rstrip("/") + "/" + manifest["model_id"]
         copy_tree(out, target)
@@ -30,8 +45,15 @@ def run_publish(rf: Path, summary: Path, config: Config, out: Path, model: Path 
     return manifest
 
 
-def publish_op(rf: Input[Dataset], summary: Input[Dataset], config: Input[Dataset], models_uri: str,
-               data: str, final_model: Output[Model], model: Input[Model] = None):
+def publish_op(
+    rf: Input[Dataset],
+    summary: Input[Dataset],
+    config: Input[Dataset],
+    models_uri: str,
+    data: str,
+    final_model: Output[Model],
+    model: Input[Model] = None,
+):
     """Bundle the final model (fusion weights, random forest, feature transformer, config, report)
     and push it to the models bucket when the evaluation blessed the run.
 
@@ -49,9 +71,15 @@ def publish_op(rf: Input[Dataset], summary: Input[Dataset], config: Input[Datase
     from components.common import config_from_artifact
     from components.publish import run_publish
 
-    manifest = run_publish(Path(rf.path), Path(summary.path), config_from_artifact(config.path),
-                           Path(final_model.path), None if model is None else Path(model.path),
-                           models_uri, data)
+    manifest = run_publish(
+        Path(rf.path),
+        Path(summary.path),
+        config_from_artifact(config.path),
+        Path(final_model.path),
+        None if model is None else Path(model.path),
+        models_uri,
+        data,
+    )
     final_model.metadata.update({k: manifest[k] for k in ("model_id", "blessed")})
     if "published_to" in manifest:
         final_model.metadata["published_to"] = manifest["published_to"]
@@ -67,8 +95,15 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli("components.publish", __doc__, add, lambda a: run_publish(a.rf, a.summary, resolve_config(a.config), a.out,
-                                                   a.model, a.models_uri, a.data), argv)
+    return cli(
+        "components.publish",
+        __doc__,
+        add,
+        lambda a: run_publish(
+            a.rf, a.summary, resolve_config(a.config), a.out, a.model, a.models_uri, a.data
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Step ``resample_alpha``: fold -> training index (resampled), validation index, focal alphas."""
 
-
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Output
@@ -16,15 +15,19 @@ def run_resample_alpha(prepared: Path, fold: int, config: Config, out: Path) -> 
 
     plan = plan_fold(load_prepared(prepared), config, fold)
     write_json(Path(out) / PLAN_FILE, plan)
-    print(f"fold {fold}: train {plan['class_counts_train']} -> resampled "
-          f"{plan['class_counts_resampled']} ({config.resampling}), validation "
-          f"{plan['class_counts_val']}; alpha {[round(a, 3) for a in plan['alpha_fusion']]}, "
-          f"pre-training alpha {[round(a, 3) for a in plan['alpha_pretrain']]}", flush=True)
+    print(
+        f"fold {fold}: train {plan['class_counts_train']} -> resampled "
+        f"{plan['class_counts_resampled']} ({config.resampling}), validation "
+        f"{plan['class_counts_val']}; alpha {[round(a, 3) for a in plan['alpha_fusion']]}, "
+        f"pre-training alpha {[round(a, 3) for a in plan['alpha_pretrain']]}",
+        flush=True,
+    )
     return plan
 
 
-def resample_alpha_op(prepared: Input[Dataset], fold: int, config: Input[Dataset],
-                      fold_plan: Output[Dataset]):
+def resample_alpha_op(
+    prepared: Input[Dataset], fold: int, config: Input[Dataset], fold_plan: Output[Dataset]
+):
     """Split patients for one fold, resample the training rows and compute the focal-loss alphas
     (capped inverse frequency for fusion, [1, 1, 1] for pre-training by default).
 
@@ -39,8 +42,9 @@ def resample_alpha_op(prepared: Input[Dataset], fold: int, config: Input[Dataset
     from components.common import config_from_artifact
     from components.resample_alpha import run_resample_alpha
 
-    plan = run_resample_alpha(Path(prepared.path), fold, config_from_artifact(config.path),
-                              Path(fold_plan.path))
+    plan = run_resample_alpha(
+        Path(prepared.path), fold, config_from_artifact(config.path), Path(fold_plan.path)
+    )
     fold_plan.metadata.update({"fold": fold, "alpha_fusion": plan["alpha_fusion"]})
 
 
@@ -51,8 +55,13 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True, type=str)
         add_config_argument(parser)
 
-    return cli("components.resample_alpha", __doc__, add, lambda a: run_resample_alpha(a.prepared, a.fold,
-                                                          resolve_config(a.config), a.out), argv)
+    return cli(
+        "components.resample_alpha",
+        __doc__,
+        add,
+        lambda a: run_resample_alpha(a.prepared, a.fold, resolve_config(a.config), a.out),
+        argv,
+    )
 
 
 if __name__ == "__main__":

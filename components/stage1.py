@@ -1,13 +1,21 @@
 """Step ``stage1``: fusion model with the pre-trained encoders loaded and the backbones frozen."""
 
-
 from pathlib import Path
 from typing import List
 
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components.common import (MODEL_FILE, PLAN_FILE, RF_PROBA_FILE, SUMMARY_FILE,
-                               add_config_argument, cli, read_json, resolve_config, write_json)
+from components.common import (
+    MODEL_FILE,
+    PLAN_FILE,
+    RF_PROBA_FILE,
+    SUMMARY_FILE,
+    add_config_argument,
+    cli,
+    read_json,
+    resolve_config,
+    write_json,
+)
 from dfu_ml.config import Config
 
 
@@ -18,8 +26,15 @@ def encoder_dirs_by_modality(encoders: list[Path]) -> dict:
     return {read_json(Path(d) / ENCODER_CONFIG)["modality"]: Path(d) for d in encoders}
 
 
-def run_stage1(prepared: Path, fold_plan: Path, rf: Path, encoders: list[Path], config: Config,
-               out: Path, epochs: int = 0) -> dict:
+def run_stage1(
+    prepared: Path,
+    fold_plan: Path,
+    rf: Path,
+    encoders: list[Path],
+    config: Config,
+    out: Path,
+    epochs: int = 0,
+) -> dict:
     """Train Stage 1 and save the fusion model and the stage summaries into ``out``."""
     import numpy as np
 
@@ -38,15 +53,24 @@ def run_stage1(prepared: Path, fold_plan: Path, rf: Path, encoders: list[Path], 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result.model.save(out / MODEL_FILE)
-    summary = {"fold": plan["fold"], "stage1": result.summary(),
-               "pretrain": {m: read_json(d / ENCODER_CONFIG)["summary"] for m, d in dirs.items()}}
+    summary = {
+        "fold": plan["fold"],
+        "stage1": result.summary(),
+        "pretrain": {m: read_json(d / ENCODER_CONFIG)["summary"] for m, d in dirs.items()},
+    }
     write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
-def stage1_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dataset],
-              encoders: Input[List[Model]], config: Input[Dataset], model: Output[Model],
-              final_fit: Input[Dataset] = None):
+def stage1_op(
+    prepared: Input[Dataset],
+    fold_plan: Input[Dataset],
+    rf: Input[Dataset],
+    encoders: Input[List[Model]],
+    config: Input[Dataset],
+    model: Output[Model],
+    final_fit: Input[Dataset] = None,
+):
     """Stage 1: the fusion model (RF probabilities + image branches + learnable fusion weight)
     with the pre-trained encoders loaded by name and only the backbones frozen.
 
@@ -65,11 +89,21 @@ def stage1_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dat
     from components.common import config_from_artifact, final_fit_epochs
     from components.stage1 import run_stage1
 
-    summary = run_stage1(Path(prepared.path), Path(fold_plan.path), Path(rf.path),
-                         [Path(e.path) for e in encoders], config_from_artifact(config.path),
-                         Path(model.path), final_fit_epochs(final_fit, "stage1"))
-    model.metadata.update({"best_epoch": summary["stage1"]["best_epoch"],
-                           "trainable_params": summary["stage1"]["trainable_params"]})
+    summary = run_stage1(
+        Path(prepared.path),
+        Path(fold_plan.path),
+        Path(rf.path),
+        [Path(e.path) for e in encoders],
+        config_from_artifact(config.path),
+        Path(model.path),
+        final_fit_epochs(final_fit, "stage1"),
+    )
+    model.metadata.update(
+        {
+            "best_epoch": summary["stage1"]["best_epoch"],
+            "trainable_params": summary["stage1"]["trainable_params"],
+        }
+    )
 
 
 def main(argv=None) -> int:
@@ -77,14 +111,26 @@ def main(argv=None) -> int:
         parser.add_argument("--prepared", required=True, type=str)
         parser.add_argument("--fold-plan", required=True, type=str)
         parser.add_argument("--rf", required=True, type=str)
-        parser.add_argument("--encoder", action="append", type=str, default=[],
-                            help="an encoder artifact folder; repeat for each modality")
+        parser.add_argument(
+            "--encoder",
+            action="append",
+            type=str,
+            default=[],
+            help="an encoder artifact folder; repeat for each modality",
+        )
         parser.add_argument("--out", required=True, type=str)
         parser.add_argument("--epochs", type=int, default=0)
         add_config_argument(parser)
 
-    return cli("components.stage1", __doc__, add, lambda a: run_stage1(a.prepared, a.fold_plan, a.rf, a.encoder,
-                                                  resolve_config(a.config), a.out, a.epochs), argv)
+    return cli(
+        "components.stage1",
+        __doc__,
+        add,
+        lambda a: run_stage1(
+            a.prepared, a.fold_plan, a.rf, a.encoder, resolve_config(a.config), a.out, a.epochs
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,33 @@
 """Step ``stage2``: fine-tune the top of the backbones; keep Stage 1 when Stage 2 does not improve."""
 
-
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.common import (FOLD_RESULT_FILE, MODEL_FILE, PLAN_FILE, RF_PROBA_FILE,
-                               SUMMARY_FILE, add_config_argument, cli, read_json, resolve_config,
-                               write_json)
+from components.common import (
+    FOLD_RESULT_FILE,
+    MODEL_FILE,
+    PLAN_FILE,
+    RF_PROBA_FILE,
+    SUMMARY_FILE,
+    add_config_argument,
+    cli,
+    read_json,
+    resolve_config,
+    write_json,
+)
 from dfu_ml.config import Config
 
 
-def run_stage2(prepared: Path, fold_plan: Path, rf: Path, stage1: Path, config: Config, out: Path,
-               epochs: int = 0) -> dict:
+def run_stage2(
+    prepared: Path,
+    fold_plan: Path,
+    rf: Path,
+    stage1: Path,
+    config: Config,
+    out: Path,
+    epochs: int = 0,
+) -> dict:
     """Train Stage 2 from the Stage 1 model; write the fold's model and ``fold_result.json``."""
     import keras
     import numpy as np
@@ -28,25 +43,46 @@ def run_stage2(prepared: Path, fold_plan: Path, rf: Path, stage1: Path, config: 
     previous = read_json(Path(stage1) / SUMMARY_FILE)
     stage1_model = keras.saving.load_model(Path(stage1) / MODEL_FILE, compile=False)
     s1 = previous["stage1"]
-    stage1_result = StageResult("stage1", stage1_model, s1["history"], s1["best_epoch"],
-                                s1["best_val_kappa"], s1["trainable_params"], s1["batch_size"],
-                                s1["steps_per_epoch"], s1["train_rows"], s1["val_rows_scored"],
-                                s1["epochs_run"], s1["seconds"])
+    stage1_result = StageResult(
+        "stage1",
+        stage1_model,
+        s1["history"],
+        s1["best_epoch"],
+        s1["best_val_kappa"],
+        s1["trainable_params"],
+        s1["batch_size"],
+        s1["steps_per_epoch"],
+        s1["train_rows"],
+        s1["val_rows_scored"],
+        s1["epochs_run"],
+        s1["seconds"],
+    )
     result = train(dataset, config, plan, rf_proba, stage1_result, epochs=epochs or None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result.model.save(out / MODEL_FILE)
-    fold_result = {"fold": plan["fold"], "pretrain": previous["pretrain"], "stage1": s1,
-                   "stage2": result.summary()}
+    fold_result = {
+        "fold": plan["fold"],
+        "pretrain": previous["pretrain"],
+        "stage1": s1,
+        "stage2": result.summary(),
+    }
     if plan["val_rows"]:
         fold_result.update(fold_predictions(dataset, config, plan, rf_proba, result.model))
     write_json(out / FOLD_RESULT_FILE, fold_result)
     return fold_result
 
 
-def stage2_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dataset],
-              stage1_model: Input[Model], config: Input[Dataset], model: Output[Model],
-              metrics: Output[Metrics], final_fit: Input[Dataset] = None):
+def stage2_op(
+    prepared: Input[Dataset],
+    fold_plan: Input[Dataset],
+    rf: Input[Dataset],
+    stage1_model: Input[Model],
+    config: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    final_fit: Input[Dataset] = None,
+):
     """Stage 2: unfreeze the top fraction of each backbone (BatchNorm frozen), fine-tune at a low
     learning rate, keep Stage 1's weights when validation kappa does not improve, and write the
     fold's validation predictions.
@@ -67,15 +103,34 @@ def stage2_op(prepared: Input[Dataset], fold_plan: Input[Dataset], rf: Input[Dat
     from components.common import config_from_artifact, final_fit_epochs, log_metrics
     from components.stage2 import run_stage2
 
-    result = run_stage2(Path(prepared.path), Path(fold_plan.path), Path(rf.path),
-                        Path(stage1_model.path), config_from_artifact(config.path), Path(model.path),
-                        final_fit_epochs(final_fit, "stage2"))
-    values = {"stage2_best_epoch": result["stage2"]["best_epoch"],
-              "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"])}
+    result = run_stage2(
+        Path(prepared.path),
+        Path(fold_plan.path),
+        Path(rf.path),
+        Path(stage1_model.path),
+        config_from_artifact(config.path),
+        Path(model.path),
+        final_fit_epochs(final_fit, "stage2"),
+    )
+    values = {
+        "stage2_best_epoch": result["stage2"]["best_epoch"],
+        "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"]),
+    }
     values.update(result.get("metrics", {}).get("per_row", {}))
-    log_metrics(metrics, {k: values[k] for k in ("stage2_best_epoch", "kept_stage1_weights",
-                                                 "quadratic_kappa", "accuracy", "macro_f1")
-                          if k in values})
+    log_metrics(
+        metrics,
+        {
+            k: values[k]
+            for k in (
+                "stage2_best_epoch",
+                "kept_stage1_weights",
+                "quadratic_kappa",
+                "accuracy",
+                "macro_f1",
+            )
+            if k in values
+        },
+    )
 
 
 def main(argv=None) -> int:
@@ -88,8 +143,15 @@ def main(argv=None) -> int:
         parser.add_argument("--epochs", type=int, default=0)
         add_config_argument(parser)
 
-    return cli("components.stage2", __doc__, add, lambda a: run_stage2(a.prepared, a.fold_plan, a.rf, a.stage1,
-                                                  resolve_config(a.config), a.out, a.epochs), argv)
+    return cli(
+        "components.stage2",
+        __doc__,
+        add,
+        lambda a: run_stage2(
+            a.prepared, a.fold_plan, a.rf, a.stage1, resolve_config(a.config), a.out, a.epochs
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

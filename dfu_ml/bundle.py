@@ -26,12 +26,20 @@ CONFIG_FILE = "config.json"
 
 
 def model_id(config: Config, data: str) -> str:
-    digest = hashlib.sha256((config.to_json() + "|" + data + "|" + __version__).encode()).hexdigest()
+    digest = hashlib.sha256(
+        (config.to_json() + "|" + data + "|" + __version__).encode()
+    ).hexdigest()
     return f"dfu-{__version__}-{digest[:12]}"
 
 
-def assemble_bundle(out: Path, config: Config, rf_dir: Path, summary_dir: Path,
-                    model_dir: Path | None, data: str = "") -> dict:
+def assemble_bundle(
+    out: Path,
+    config: Config,
+    rf_dir: Path,
+    summary_dir: Path,
+    model_dir: Path | None,
+    data: str = "",
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(rf_dir / FOREST_FILE, out / FOREST_FILE)
@@ -45,11 +53,16 @@ def assemble_bundle(out: Path, config: Config, rf_dir: Path, summary_dir: Path,
         if (Path(summary_dir) / name).is_file():
             shutil.copyfile(Path(summary_dir) / name, out / name)
     (out / CONFIG_FILE).write_text(config.to_json())
-    manifest = {"model_id": model_id(config, data), "version": __version__, "data": data,
-                "modalities": config.modalities, "image_size": config.image_size,
-                "blessed": bool(summary["blessed"]),
-                "mean_quadratic_kappa": summary["mean"]["per_row"]["quadratic_kappa"]["mean"],
-                "files": sorted(p.name for p in out.iterdir())}
+    manifest = {
+        "model_id": model_id(config, data),
+        "version": __version__,
+        "data": data,
+        "modalities": config.modalities,
+        "image_size": config.image_size,
+        "blessed": bool(summary["blessed"]),
+        "mean_quadratic_kappa": summary["mean"]["per_row"]["quadratic_kappa"]["mean"],
+        "files": sorted(p.name for p in out.iterdir()),
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -70,16 +83,22 @@ def load_bundle(folder: Path) -> Bundle:
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        raise DataError(f"{folder} is not a dfu-kfp model bundle (no {MANIFEST}); pass the "
-                        "final_model folder named in summary.json")
+        raise DataError(
+            f"{folder} is not a dfu-kfp model bundle (no {MANIFEST}); pass the "
+            "final_model folder named in summary.json"
+        )
     config = config_from_json((folder / CONFIG_FILE).read_text())
     model = None
     if config.image_modalities:
         import keras
 
         import dfu_ml.training.models  # noqa: F401  (registers LearnableFusionWeight)
+
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
-    return Bundle(config, json.loads((folder / MANIFEST).read_text()),
-                  joblib.load(folder / FOREST_FILE),
-                  ClinicalFeatureTransformer.from_json((folder / TRANSFORMER_FILE).read_text()),
-                  model)
+    return Bundle(
+        config,
+        json.loads((folder / MANIFEST).read_text()),
+        joblib.load(folder / FOREST_FILE),
+        ClinicalFeatureTransformer.from_json((folder / TRANSFORMER_FILE).read_text()),
+        model,
+    )

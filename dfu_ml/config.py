@@ -21,8 +21,15 @@ from dfu_ml.errors import ConfigError
 PROFILE_DIR = Path(__file__).parent / "profiles"
 METADATA = "metadata"
 MODALITY_CHOICES = (METADATA, *IMAGE_MODALITIES)
-BACKBONES = ("small_cnn", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3",
-             "DenseNet121", "MobileNetV3Small")
+BACKBONES = (
+    "small_cnn",
+    "EfficientNetB0",
+    "EfficientNetB1",
+    "EfficientNetB2",
+    "EfficientNetB3",
+    "DenseNet121",
+    "MobileNetV3Small",
+)
 RESAMPLING = ("none", "random", "combined")
 PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
 STAGE1_FREEZE = ("backbone", "encoder")
@@ -41,8 +48,14 @@ class Config:
     image_size: int = 64
     # The study widened the depth-map box by its field-of-view error and the thermal-map box by
     # 30 px; the depth-map figure is not published, so 10 px is our estimate.
-    crop_margins: dict = field(default_factory=lambda: {
-        "depth_rgb": 0, "depth_map": 10, "thermal_rgb": 0, "thermal_map": 30})
+    crop_margins: dict = field(
+        default_factory=lambda: {
+            "depth_rgb": 0,
+            "depth_map": 10,
+            "thermal_rgb": 0,
+            "thermal_map": 30,
+        }
+    )
     on_missing_image: str = "error"
     # Resampling and focal loss (RC2)
     resampling: str = "combined"
@@ -80,8 +93,13 @@ class Config:
     gpu_accelerator_type: str = "nvidia.com/gpu"
     gpu_accelerator_limit: int = 1
     gpu_node_selector: dict = field(default_factory=lambda: {"dfu-kfp/node-pool": "gpu"})
-    gpu_toleration: dict = field(default_factory=lambda: {
-        "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    gpu_toleration: dict = field(
+        default_factory=lambda: {
+            "key": "nvidia.com/gpu",
+            "operator": "Exists",
+            "effect": "NoSchedule",
+        }
+    )
     s3_secret_name: str = "dfu-kfp-s3"  # keys accesskey / secretkey (manifests/base/s3-secret.yaml)
     s3_endpoint: str = "dfu-minio:9000"  # host:port of the S3 endpoint the steps read and write
     s3_secure: bool = False
@@ -154,8 +172,9 @@ def _choice(key: str, value: Any, choices) -> None:
 def validate(config: Config) -> Config:
     """Check ranges and choices; raise ConfigError naming the key."""
     if not config.modalities:
-        raise ConfigError("config key 'modalities' is empty; give at least one of "
-                          + ", ".join(MODALITY_CHOICES))
+        raise ConfigError(
+            "config key 'modalities' is empty; give at least one of " + ", ".join(MODALITY_CHOICES)
+        )
     for m in config.modalities:
         _choice("modalities", m, MODALITY_CHOICES)
     if len(set(config.modalities)) != len(config.modalities):
@@ -163,35 +182,49 @@ def validate(config: Config) -> Config:
     if config.cv_folds < 2:
         raise ConfigError(f"config key 'cv_folds' must be >= 2, got {config.cv_folds}")
     if not 0 < config.data_percentage <= 100:
-        raise ConfigError(f"config key 'data_percentage' must be in (0, 100], got "
-                          f"{config.data_percentage}")
+        raise ConfigError(
+            f"config key 'data_percentage' must be in (0, 100], got {config.data_percentage}"
+        )
     if not 16 <= config.image_size <= 1024:
         raise ConfigError(f"config key 'image_size' must be in [16, 1024], got {config.image_size}")
     unknown_margins = set(config.crop_margins) - set(IMAGE_MODALITIES)
     if unknown_margins:
-        raise ConfigError(f"config key 'crop_margins' has unknown modality {sorted(unknown_margins)}")
+        raise ConfigError(
+            f"config key 'crop_margins' has unknown modality {sorted(unknown_margins)}"
+        )
     _choice("on_missing_image", config.on_missing_image, ("error", "skip"))
     _choice("resampling", config.resampling, RESAMPLING)
     _choice("pretrain_alpha", config.pretrain_alpha, PRETRAIN_ALPHA)
     _choice("backbone", config.backbone, BACKBONES)
     _choice("stage1_freeze", config.stage1_freeze, STAGE1_FREEZE)
     if config.alpha_max_ratio < 1:
-        raise ConfigError(f"config key 'alpha_max_ratio' must be >= 1, got {config.alpha_max_ratio}")
+        raise ConfigError(
+            f"config key 'alpha_max_ratio' must be >= 1, got {config.alpha_max_ratio}"
+        )
     if config.batch_size < 1:
         raise ConfigError(f"config key 'batch_size' must be >= 1, got {config.batch_size}")
-    for key in ("pretrain_epochs", "stage1_epochs", "stage2_epochs", "rf_n_estimators",
-                "early_stopping_patience", "feature_dim"):
+    for key in (
+        "pretrain_epochs",
+        "stage1_epochs",
+        "stage2_epochs",
+        "rf_n_estimators",
+        "early_stopping_patience",
+        "feature_dim",
+    ):
         if getattr(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(config, key)}")
     for key in ("pretrain_lr", "stage1_lr", "stage2_lr"):
         if not 0 < getattr(config, key) < 1:
             raise ConfigError(f"config key {key!r} must be in (0, 1), got {getattr(config, key)}")
     if not 0 < config.fusion_rf_weight < 1:
-        raise ConfigError(f"config key 'fusion_rf_weight' must be in (0, 1), got "
-                          f"{config.fusion_rf_weight}")
+        raise ConfigError(
+            f"config key 'fusion_rf_weight' must be in (0, 1), got {config.fusion_rf_weight}"
+        )
     if not 0 <= config.stage2_unfreeze_fraction <= 1:
-        raise ConfigError("config key 'stage2_unfreeze_fraction' must be in [0, 1], got "
-                          f"{config.stage2_unfreeze_fraction}")
+        raise ConfigError(
+            "config key 'stage2_unfreeze_fraction' must be in [0, 1], got "
+            f"{config.stage2_unfreeze_fraction}"
+        )
     if config.rf_inner_folds < 2:
         raise ConfigError(f"config key 'rf_inner_folds' must be >= 2, got {config.rf_inner_folds}")
     return config
@@ -231,7 +264,8 @@ def _profile_values(name_or_path: str, seen: tuple = ()) -> dict:
         if not path.is_file():
             raise ConfigError(
                 f"config {name_or_path!r} is neither a YAML file nor a profile "
-                f"({', '.join(profile_names())})")
+                f"({', '.join(profile_names())})"
+            )
     if str(path.resolve()) in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     values = _read_yaml(path)

@@ -81,14 +81,21 @@ class ClinicalFeatureTransformer:
         return self.fit(visits).transform(visits)
 
     def to_json(self) -> str:
-        return json.dumps({"columns": self.columns_, "medians": self.medians_.tolist(),
-                           "means": self.means_.tolist(), "scales": self.scales_.tolist()})
+        return json.dumps(
+            {
+                "columns": self.columns_,
+                "medians": self.medians_.tolist(),
+                "means": self.means_.tolist(),
+                "scales": self.scales_.tolist(),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "ClinicalFeatureTransformer":
         data = json.loads(text)
         out = cls()
         out.columns_ = data["columns"]
-        out.medians_, out.means_, out.scales_ = (np.asarray(data[k]) for k in
-                                                 ("medians", "means", "scales"))
+        out.medians_, out.means_, out.scales_ = (
+            np.asarray(data[k]) for k in ("medians", "means", "scales")
+        )
         return out

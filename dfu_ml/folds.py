@@ -21,8 +21,9 @@ def _patient_majority_labels(labels: np.ndarray, patients: np.ndarray) -> dict:
     return majority
 
 
-def sample_patients(labels: np.ndarray, patients: np.ndarray, percentage: float,
-                    seed: int) -> np.ndarray:
+def sample_patients(
+    labels: np.ndarray, patients: np.ndarray, percentage: float, seed: int
+) -> np.ndarray:
     """Boolean mask of the rows whose patient is kept when sampling ``percentage`` % of patients."""
     labels, patients = np.asarray(labels), np.asarray(patients)
     if percentage >= 100:
@@ -41,8 +42,9 @@ def sample_patients(labels: np.ndarray, patients: np.ndarray, percentage: float,
     return mask
 
 
-def patient_folds(labels: np.ndarray, patients: np.ndarray, n_folds: int,
-                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def patient_folds(
+    labels: np.ndarray, patients: np.ndarray, n_folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified grouped K-fold by patient. Returns (train_idx, val_idx) per fold.
 
     Raises FoldError, naming the fold and the class, when a fold's training or validation side
@@ -53,8 +55,10 @@ def patient_folds(labels: np.ndarray, patients: np.ndarray, n_folds: int,
         raise DataError("the dataset is empty after filtering; nothing to split into folds")
     n_patients = len(np.unique(patients))
     if n_patients < n_folds:
-        raise FoldError(f"cv_folds={n_folds} needs at least {n_folds} patients, the data has "
-                        f"{n_patients}; lower cv_folds or raise data_percentage")
+        raise FoldError(
+            f"cv_folds={n_folds} needs at least {n_folds} patients, the data has "
+            f"{n_patients}; lower cv_folds or raise data_percentage"
+        )
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = []
     for k, (train, val) in enumerate(splitter.split(np.zeros(len(labels)), labels, patients)):
@@ -65,6 +69,7 @@ def patient_folds(labels: np.ndarray, patients: np.ndarray, n_folds: int,
                 raise FoldError(
                     f"fold {k}: the {side} side has no {', '.join(missing)} rows "
                     f"({len(np.unique(patients[idx]))} patients); use fewer folds "
-                    "(cv_folds), more data (data_percentage) or another seed")
+                    "(cv_folds), more data (data_percentage) or another seed"
+                )
         folds.append((np.sort(train), np.sort(val)))
     return folds

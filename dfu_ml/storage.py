@@ -77,7 +77,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """
     if not is_s3_uri(uri):
         raise StorageError(f"{uri!r} is not an S3 URI; expected the form s3://bucket/prefix")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"S3 URI {uri!r} has no bucket; expected the form s3://bucket/prefix")
     if not _BUCKET_NAME.match(bucket) or ".." in bucket:
@@ -136,7 +136,8 @@ class S3Settings:
             missing.append(f"{SECRET_KEY_VAR} (or {SECRET_KEY_FALLBACK_VAR})")
         if missing:
             raise StorageError(
-                "S3 storage is not configured; set " + ", ".join(missing)
+                "S3 storage is not configured; set "
+                + ", ".join(missing)
                 + f". Optionally set {SECURE_VAR}=false for a plain-HTTP server and {REGION_VAR}."
             )
 
@@ -167,7 +168,7 @@ def _split_endpoint(raw: str) -> tuple[str, bool | None]:
     lowered = raw.lower()
     for scheme, secure in (("https://", True), ("http://", False)):
         if lowered.startswith(scheme):
-            endpoint, scheme_secure = raw[len(scheme):], secure
+            endpoint, scheme_secure = raw[len(scheme) :], secure
             break
     endpoint = endpoint.rstrip("/")
     unknown_scheme = "://" in raw and scheme_secure is None
@@ -264,8 +265,11 @@ def _storage_errors(
         raise StorageError(_redact(_s3_error_message(exc, action, bucket, key), settings)) from exc
     except (ServerError, InvalidResponseError) as exc:
         raise StorageError(
-            _redact(f"{action} failed: the S3 server at {_endpoint_name(settings)} "
-                    f"answered with an error: {exc}", settings)
+            _redact(
+                f"{action} failed: the S3 server at {_endpoint_name(settings)} "
+                f"answered with an error: {exc}",
+                settings,
+            )
         ) from exc
     except urllib3.exceptions.HTTPError as exc:
         reason = getattr(exc, "reason", None) or exc
@@ -289,9 +293,7 @@ def _s3_error_message(exc: S3Error, action: str, bucket: str | None, key: str | 
             f"{SECRET_KEY_FALLBACK_VAR}) and that this user may access bucket {bucket!r}."
         )
     if exc.code == "NoSuchBucket":
-        return (
-            f"{action} failed: bucket {bucket!r} does not exist. Create it or fix the s3:// URI."
-        )
+        return f"{action} failed: bucket {bucket!r} does not exist. Create it or fix the s3:// URI."
     if exc.code in ("NoSuchKey", "NoSuchObject"):
         missing = _s3_uri(bucket, exc.object_name or key or "") if bucket else exc.object_name
         return f"{action} failed: object {missing} does not exist."
@@ -544,7 +546,7 @@ def _list_relative_keys(client: Minio, bucket: str, prefix: str) -> list[str]:
         name = obj.object_name or ""
         if name.endswith("/"):
             continue
-        relatives.append(name[len(list_prefix or ""):])
+        relatives.append(name[len(list_prefix or "") :])
     return relatives
 
 

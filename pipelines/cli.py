@@ -15,13 +15,18 @@ def _synth(args) -> None:
     from dfu_ml.data.synthetic import generate_synthetic_dataset, render_from_real
 
     if args.from_real:
-        result = render_from_real(args.from_real, args.out, image_scale=args.image_scale or 1.0,
-                                  seed=args.seed)
+        result = render_from_real(
+            args.from_real, args.out, image_scale=args.image_scale or 1.0, seed=args.seed
+        )
     else:
-        result = generate_synthetic_dataset(args.out, patients=args.patients, seed=args.seed,
-                                            image_scale=args.image_scale or 0.25,
-                                            clinical_signal=args.clinical_signal,
-                                            image_signal=args.image_signal)
+        result = generate_synthetic_dataset(
+            args.out,
+            patients=args.patients,
+            seed=args.seed,
+            image_scale=args.image_scale or 0.25,
+            clinical_signal=args.clinical_signal,
+            image_signal=args.image_signal,
+        )
     print(", ".join(f"{k}: {v}" for k, v in result.items()))
 
 
@@ -35,8 +40,9 @@ def _run(args) -> None:
     from pipelines.local_run import run_local
 
     out = args.out or Path("runs") / "latest"
-    summary = run_local(_config(args), args.data, out, synth_patients=args.synth_patients,
-                        runner=args.runner)
+    summary = run_local(
+        _config(args), args.data, out, synth_patients=args.synth_patients, runner=args.runner
+    )
     if args.strict and not summary["blessed"]:
         raise SystemExit(1)
 
@@ -45,8 +51,10 @@ def _compile(args) -> None:
     from pipelines.pipeline import compile_pipeline
 
     path = compile_pipeline(_config(args), args.output)
-    print(f"wrote {path}; upload it in the KFP UI or run: kfp run create -e EXPERIMENT -r RUN "
-          f"-f {path} data=s3://BUCKET/PREFIX")
+    print(
+        f"wrote {path}; upload it in the KFP UI or run: kfp run create -e EXPERIMENT -r RUN "
+        f"-f {path} data=s3://BUCKET/PREFIX"
+    )
 
 
 def _predict(args) -> None:
@@ -63,26 +71,41 @@ def _predict(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfu-kfp", description=(
-        "Train, evaluate and publish a diabetic-foot-ulcer healing-phase classifier as a "
-        "Kubeflow pipeline (locally through kfp.local, or compiled for a cluster)."))
+    parser = argparse.ArgumentParser(
+        prog="dfu-kfp",
+        description=(
+            "Train, evaluate and publish a diabetic-foot-ulcer healing-phase classifier as a "
+            "Kubeflow pipeline (locally through kfp.local, or compiled for a cluster)."
+        ),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write a synthetic dataset in the study's layout")
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--patients", type=int, default=40)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-scale", type=float, default=None,
-                       help="frame size relative to the real cameras (default 0.25; 1.0 with --from-real)")
+    synth.add_argument(
+        "--image-scale",
+        type=float,
+        default=None,
+        help="frame size relative to the real cameras (default 0.25; 1.0 with --from-real)",
+    )
     synth.add_argument("--clinical-signal", type=float, default=0.6)
     synth.add_argument("--image-signal", type=float, default=1.5)
-    synth.add_argument("--from-real", type=Path, help="render images for a real dataset's rows and boxes")
+    synth.add_argument(
+        "--from-real", type=Path, help="render images for a real dataset's rows and boxes"
+    )
     synth.set_defaults(func=_synth)
 
     def config_args(p, default):
         p.add_argument("--config", default=default, help="profile (smoke, paper) or YAML file")
-        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="override config keys, e.g. --set modalities=metadata cv_folds=2")
+        p.add_argument(
+            "--set",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override config keys, e.g. --set modalities=metadata cv_folds=2",
+        )
 
     run = sub.add_parser("run", help="run the pipeline locally (kfp.local)")
     config_args(run, "smoke")
@@ -90,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: runs/latest)")
     run.add_argument("--synth-patients", type=int, default=40)
     run.add_argument("--strict", action="store_true", help="exit 1 when the health verdict fails")
-    run.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
-                     help="run each step in this Python (default) or in its component image "
-                          "through kfp's DockerRunner (set DOCKER_HOST for podman's socket)")
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="run each step in this Python (default) or in its component image "
+        "through kfp's DockerRunner (set DOCKER_HOST for podman's socket)",
+    )
     run.set_defaults(func=_run)
 
     comp = sub.add_parser("compile", help="compile the pipeline to YAML for a KFP backend")

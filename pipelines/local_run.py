@@ -102,11 +102,14 @@ def _run_container(client, image: str, command: list, volumes: dict, **run_args)
         client.images.get(image)
     except docker.errors.ImageNotFound:
         if image.startswith("localhost/"):
-            raise RuntimeError(f"image {image} is not in the local image store of {client.api.base_url}"
-                               " (build it: bash docker/build.sh)") from None
+            raise RuntimeError(
+                f"image {image} is not in the local image store of {client.api.base_url}"
+                " (build it: bash docker/build.sh)"
+            ) from None
         client.images.pull(image)
-    container = client.containers.run(image=image, command=command, detach=True, volumes=volumes,
-                                      **run_args)
+    container = client.containers.run(
+        image=image, command=command, detach=True, volumes=volumes, **run_args
+    )
     try:
         rest = b""
         for chunk in container.logs(stream=True, follow=True):  # pieces of lines: print whole ones
@@ -158,7 +161,9 @@ def _docker_runner(out: Path, pipeline_root: Path, data: str, models_uri: str):
             if path.is_relative_to(out):
                 writable.append(path)
         if not any(path.is_relative_to(m) for m in mounted):
-            mounts.append(Mount(target=str(path), source=str(path), type="bind", read_only=read_only))
+            mounts.append(
+                Mount(target=str(path), source=str(path), type="bind", read_only=read_only)
+            )
             mounted.append(path)
     for path in writable:
         path.chmod(0o777)
@@ -167,15 +172,24 @@ def _docker_runner(out: Path, pipeline_root: Path, data: str, models_uri: str):
 
 
 def _newest_run(pipeline_root: Path) -> Path:
-    runs = sorted((p for p in pipeline_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    runs = sorted(
+        (p for p in pipeline_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
     if not runs:
         raise RuntimeError(f"kfp.local left no run folder under {pipeline_root}")
     return runs[-1]
 
 
-def run_local(config: Config, data: str | None, out: Path, synth_patients: int = DEFAULT_SYNTH_PATIENTS,
-              log=print, quiet: bool = True, runner: str = "subprocess",
-              images: dict | None = None) -> dict:
+def run_local(
+    config: Config,
+    data: str | None,
+    out: Path,
+    synth_patients: int = DEFAULT_SYNTH_PATIENTS,
+    log=print,
+    quiet: bool = True,
+    runner: str = "subprocess",
+    images: dict | None = None,
+) -> dict:
     """Run the pipeline locally and collect its results into ``out``; return the summary.
 
     ``runner="subprocess"`` runs every step in this Python; ``runner="docker"`` runs each in its
@@ -208,12 +222,16 @@ def run_local(config: Config, data: str | None, out: Path, synth_patients: int =
         # Keyed by everything that shapes the data, the generator's code included, so a later
         # run never reuses a dataset made by other code or settings.
         generator = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:10]
-        data_dir = (store / "datasets" /
-                    f"synthetic-p{synth_patients}-s{config.seed}-x{DEFAULT_SYNTH_SCALE}-{generator}")
+        data_dir = (
+            store
+            / "datasets"
+            / f"synthetic-p{synth_patients}-s{config.seed}-x{DEFAULT_SYNTH_SCALE}-{generator}"
+        )
         if not (data_dir / "DataMaster_Processed_V12_WithMissing.csv").is_file():
             log(f"generating a synthetic dataset ({synth_patients} patients) in {data_dir}")
-            generate_synthetic_dataset(data_dir, patients=synth_patients, seed=config.seed,
-                                       image_scale=DEFAULT_SYNTH_SCALE)
+            generate_synthetic_dataset(
+                data_dir, patients=synth_patients, seed=config.seed, image_scale=DEFAULT_SYNTH_SCALE
+            )
         data = str(data_dir)
     models_uri = config.models_uri or str(store / "models")
     config = config.replace(models_uri=models_uri)
@@ -231,13 +249,17 @@ def run_local(config: Config, data: str | None, out: Path, synth_patients: int =
         step_runner = local.SubprocessRunner(use_venv=False)
     local.init(runner=step_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     pipeline = build_pipeline(config, images=images, local=True)
-    log(f"running pipeline 'dfu-kfp' locally: data {data}, modalities {config.modalities}, "
-        f"{config.cv_folds} folds, profile {config.profile}")
+    log(
+        f"running pipeline 'dfu-kfp' locally: data {data}, modalities {config.modalities}, "
+        f"{config.cv_folds} folds, profile {config.profile}"
+    )
     start = time.time()
     log_path = out / "logs" / "pipeline.log"
     log(f"full step logs: {log_path}")
-    with (concise_console(log_path) if quiet else contextlib.nullcontext(),
-          _docker_exit_status() if runner == "docker" else contextlib.nullcontext()):
+    with (
+        concise_console(log_path) if quiet else contextlib.nullcontext(),
+        _docker_exit_status() if runner == "docker" else contextlib.nullcontext(),
+    ):
         pipeline(data=data)
     run_dir = _newest_run(pipeline_root)
     summary_dir = run_dir / "evaluate-op" / "summary"
@@ -251,16 +273,26 @@ def run_local(config: Config, data: str | None, out: Path, synth_patients: int =
         if (summary_dir / name).is_file():
             shutil.copyfile(summary_dir / name, out / name)
     manifest = json.loads((final_model / "manifest.json").read_text())
-    summary.update({"final_model": str(final_model), "model_id": manifest["model_id"],
-                    "data": data, "pipeline_run": str(run_dir),
-                    "published_to": (models_uri.rstrip("/") + "/" + manifest["model_id"]
-                                     if summary["blessed"] else None),
-                    "report": str(out / "report.html"), "seconds": round(time.time() - start, 1)})
+    summary.update(
+        {
+            "final_model": str(final_model),
+            "model_id": manifest["model_id"],
+            "data": data,
+            "pipeline_run": str(run_dir),
+            "published_to": (
+                models_uri.rstrip("/") + "/" + manifest["model_id"] if summary["blessed"] else None
+            ),
+            "report": str(out / "report.html"),
+            "seconds": round(time.time() - start, 1),
+        }
+    )
     summary.pop("files", None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log("")
     log(format_table(summary))
     log(format_verdict(summary["health"]))
-    log(f"summary: {out / 'summary.json'}  report: {out / 'report.html'}  final model: {final_model}"
-        f"  ({summary['seconds']} s)")
+    log(
+        f"summary: {out / 'summary.json'}  report: {out / 'report.html'}  final model: {final_model}"
+        f"  ({summary['seconds']} s)"
+    )
     return summary

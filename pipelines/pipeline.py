@@ -9,7 +9,6 @@ GPU steps (pretrain_image, stage1, stage2) get an accelerator, a node selector a
 from the config; MinIO credentials come from a Kubernetes secret as environment variables.
 """
 
-
 import hashlib
 import json
 from pathlib import Path
@@ -32,26 +31,61 @@ from dfu_ml.config import Config
 IMAGES_FILE = Path(__file__).resolve().parent.parent / "docker" / "images.json"
 PIPELINE_NAME = "dfu-kfp"
 # Pipeline parameters a user changes per run; everything else comes from the compiled config.
-RUN_PARAMETERS = ("image_modalities", "use_metadata", "cv_folds", "folds", "data_percentage", "image_size", "backbone",
-                  "pretrain_epochs", "stage1_epochs", "stage2_epochs", "pretrain_lr", "stage1_lr",
-                  "stage2_lr", "alpha_max_ratio", "seed", "profile", "models_uri")
+RUN_PARAMETERS = (
+    "image_modalities",
+    "use_metadata",
+    "cv_folds",
+    "folds",
+    "data_percentage",
+    "image_size",
+    "backbone",
+    "pretrain_epochs",
+    "stage1_epochs",
+    "stage2_epochs",
+    "pretrain_lr",
+    "stage1_lr",
+    "stage2_lr",
+    "alpha_max_ratio",
+    "seed",
+    "profile",
+    "models_uri",
+)
 S3_ENV = {"accesskey": "DFU_S3_ACCESS_KEY", "secretkey": "DFU_S3_SECRET_KEY"}
 
 
 def component_images(path: Path = IMAGES_FILE) -> dict:
     """Image references the components run in (pinned by ``docker/build.sh``)."""
-    default = {"cpu": f"localhost/dfu-kfp-cpu:{__version__}",
-               "gpu": f"localhost/dfu-kfp-gpu:{__version__}"}
+    default = {
+        "cpu": f"localhost/dfu-kfp-cpu:{__version__}",
+        "gpu": f"localhost/dfu-kfp-gpu:{__version__}",
+    }
     if Path(path).is_file():
         default.update(json.loads(Path(path).read_text()))
     return default
 
 
-def resolve_config_op(config_json: str, code_version: str, image_modalities: List[str], use_metadata: bool,
-                      cv_folds: int, folds: List[int], data_percentage: float, image_size: int, backbone: str, pretrain_epochs: int,
-                      stage1_epochs: int, stage2_epochs: int, pretrain_lr: float, stage1_lr: float,
-                      stage2_lr: float, alpha_max_ratio: float, seed: int, profile: str,
-                      models_uri: str, config: Output[Dataset]):
+def resolve_config_op(
+    config_json: str,
+    code_version: str,
+    image_modalities: List[str],
+    use_metadata: bool,
+    cv_folds: int,
+    folds: List[int],
+    data_percentage: float,
+    image_size: int,
+    backbone: str,
+    pretrain_epochs: int,
+    stage1_epochs: int,
+    stage2_epochs: int,
+    pretrain_lr: float,
+    stage1_lr: float,
+    stage2_lr: float,
+    alpha_max_ratio: float,
+    seed: int,
+    profile: str,
+    models_uri: str,
+    config: Output[Dataset],
+):
     """Overlay the run's parameters on the compiled configuration and validate it (the loops fan
     out over the ``folds`` and ``image_modalities`` pipeline parameters themselves).
 
@@ -64,20 +98,34 @@ def resolve_config_op(config_json: str, code_version: str, image_modalities: Lis
     base = config_from_json(config_json)
     modalities = (["metadata"] if use_metadata else []) + list(image_modalities)
     resolved = base.replace(
-        modalities=modalities, cv_folds=cv_folds, data_percentage=data_percentage,
-        image_size=image_size, backbone=backbone, pretrain_epochs=pretrain_epochs,
-        stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, pretrain_lr=pretrain_lr,
-        stage1_lr=stage1_lr, stage2_lr=stage2_lr, alpha_max_ratio=alpha_max_ratio, seed=seed,
-        profile=profile, models_uri=models_uri)
+        modalities=modalities,
+        cv_folds=cv_folds,
+        data_percentage=data_percentage,
+        image_size=image_size,
+        backbone=backbone,
+        pretrain_epochs=pretrain_epochs,
+        stage1_epochs=stage1_epochs,
+        stage2_epochs=stage2_epochs,
+        pretrain_lr=pretrain_lr,
+        stage1_lr=stage1_lr,
+        stage2_lr=stage2_lr,
+        alpha_max_ratio=alpha_max_ratio,
+        seed=seed,
+        profile=profile,
+        models_uri=models_uri,
+    )
     if bool(resolved.image_modalities) != bool(base.image_modalities):
         raise ConfigError(
             f"modalities {resolved.modalities}: this pipeline was compiled for "
             f"{base.modalities}; a metadata-only run and an image run are different DAGs, so "
-            "compile again with --set modalities=...")
+            "compile again with --set modalities=..."
+        )
     outside = [f for f in folds if not 0 <= int(f) < resolved.cv_folds]
     if outside or not folds:
-        raise ConfigError(f"folds {list(folds)}: each fold must be in 0..{resolved.cv_folds - 1} "
-                          f"(cv_folds={resolved.cv_folds}), and at least one is needed")
+        raise ConfigError(
+            f"folds {list(folds)}: each fold must be in 0..{resolved.cv_folds - 1} "
+            f"(cv_folds={resolved.cv_folds}), and at least one is needed"
+        )
     with open(config.path, "w") as handle:
         handle.write(resolved.to_json())
 
@@ -100,8 +148,13 @@ def _on_gpu(task: dsl.PipelineTask, config: Config) -> dsl.PipelineTask:
     for key, value in config.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     toleration = config.gpu_toleration
-    kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator", "Exists"),
-                              value=toleration.get("value"), effect=toleration.get("effect"))
+    kubernetes.add_toleration(
+        task,
+        key=toleration.get("key"),
+        operator=toleration.get("operator", "Exists"),
+        value=toleration.get("value"),
+        effect=toleration.get("effect"),
+    )
     return task
 
 
@@ -125,7 +178,11 @@ def build_pipeline(config: Config, images: dict | None = None, local: bool = Fal
     def op(func, image):
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
-    prepare, resample, rf_step = op(prepare_op, cpu), op(resample_alpha_op, cpu), op(clinical_rf_op, cpu)
+    prepare, resample, rf_step = (
+        op(prepare_op, cpu),
+        op(resample_alpha_op, cpu),
+        op(clinical_rf_op, cpu),
+    )
     pretrain, stage1, stage2 = op(pretrain_image_op, gpu), op(stage1_op, gpu), op(stage2_op, gpu)
     evaluate, publish = op(evaluate_op, cpu), op(publish_op, cpu)
     resolve = op(resolve_config_op, cpu)
@@ -146,18 +203,42 @@ def build_pipeline(config: Config, images: dict | None = None, local: bool = Fal
         if not image_run:
             return rf, None
         with dsl.ParallelFor(modalities) as modality:
-            encoder = gpu_step(pretrain(prepared=prepared, fold_plan=plan.outputs["fold_plan"],
-                                        modality=modality, config=settings, **fixed))
-        s1 = gpu_step(stage1(prepared=prepared, fold_plan=plan.outputs["fold_plan"],
-                             rf=rf.outputs["rf"], encoders=dsl.Collected(encoder.outputs["encoder"]),
-                             config=settings, **fixed))
-        s2 = gpu_step(stage2(prepared=prepared, fold_plan=plan.outputs["fold_plan"],
-                             rf=rf.outputs["rf"], stage1_model=s1.outputs["model"],
-                             config=settings, **fixed))
+            encoder = gpu_step(
+                pretrain(
+                    prepared=prepared,
+                    fold_plan=plan.outputs["fold_plan"],
+                    modality=modality,
+                    config=settings,
+                    **fixed,
+                )
+            )
+        s1 = gpu_step(
+            stage1(
+                prepared=prepared,
+                fold_plan=plan.outputs["fold_plan"],
+                rf=rf.outputs["rf"],
+                encoders=dsl.Collected(encoder.outputs["encoder"]),
+                config=settings,
+                **fixed,
+            )
+        )
+        s2 = gpu_step(
+            stage2(
+                prepared=prepared,
+                fold_plan=plan.outputs["fold_plan"],
+                rf=rf.outputs["rf"],
+                stage1_model=s1.outputs["model"],
+                config=settings,
+                **fixed,
+            )
+        )
         return rf, s2
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="DFU healing-phase classifier: staged fusion "
-                  "training with patient-grouped cross-validation, evaluation and publishing")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DFU healing-phase classifier: staged fusion "
+        "training with patient-grouped cross-validation, evaluation and publishing",
+    )
     def dfu_pipeline(
         data: str,
         image_modalities: List[str] = list(config.image_modalities),
@@ -178,15 +259,27 @@ def build_pipeline(config: Config, images: dict | None = None, local: bool = Fal
         profile: str = config.profile,
         models_uri: str = config.models_uri,
     ):
-        resolved = resolve(config_json=config_json, code_version=code_version(),
-                           image_modalities=image_modalities,
-                           use_metadata=use_metadata, cv_folds=cv_folds, folds=folds,
-                           data_percentage=data_percentage, image_size=image_size,
-                           backbone=backbone, pretrain_epochs=pretrain_epochs,
-                           stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
-                           pretrain_lr=pretrain_lr, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
-                           alpha_max_ratio=alpha_max_ratio, seed=seed, profile=profile,
-                           models_uri=models_uri)
+        resolved = resolve(
+            config_json=config_json,
+            code_version=code_version(),
+            image_modalities=image_modalities,
+            use_metadata=use_metadata,
+            cv_folds=cv_folds,
+            folds=folds,
+            data_percentage=data_percentage,
+            image_size=image_size,
+            backbone=backbone,
+            pretrain_epochs=pretrain_epochs,
+            stage1_epochs=stage1_epochs,
+            stage2_epochs=stage2_epochs,
+            pretrain_lr=pretrain_lr,
+            stage1_lr=stage1_lr,
+            stage2_lr=stage2_lr,
+            alpha_max_ratio=alpha_max_ratio,
+            seed=seed,
+            profile=profile,
+            models_uri=models_uri,
+        )
         settings = resolved.outputs["config"]
         prepared = storage_step(prepare(data=data, config=settings))
         dataset = prepared.outputs["prepared"]
@@ -194,11 +287,20 @@ def build_pipeline(config: Config, images: dict | None = None, local: bool = Fal
             rf, s2 = train_fold(dataset, fold, settings, image_modalities)
         fold_results = dsl.Collected((s2 or rf).outputs["model" if s2 else "rf"])
         evaluation = evaluate(fold_results=fold_results, config=settings)
-        final_rf, final_s2 = train_fold(dataset, -1, settings, image_modalities,
-                                        evaluation.outputs["summary"])
+        final_rf, final_s2 = train_fold(
+            dataset, -1, settings, image_modalities, evaluation.outputs["summary"]
+        )
         extra = {"model": final_s2.outputs["model"]} if final_s2 is not None else {}
-        storage_step(publish(rf=final_rf.outputs["rf"], summary=evaluation.outputs["summary"],
-                             config=settings, models_uri=models_uri, data=data, **extra))
+        storage_step(
+            publish(
+                rf=final_rf.outputs["rf"],
+                summary=evaluation.outputs["summary"],
+                config=settings,
+                models_uri=models_uri,
+                data=data,
+                **extra,
+            )
+        )
 
     return dfu_pipeline
 

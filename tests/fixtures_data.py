@@ -31,8 +31,9 @@ def synthetic_dir(tmp_path_factory) -> Path:
     from dfu_ml.data.synthetic import generate_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic") / "dataset"
-    generate_synthetic_dataset(out, patients=SYNTH_PATIENTS, seed=SYNTH_SEED,
-                               image_scale=SYNTH_IMAGE_SCALE)
+    generate_synthetic_dataset(
+        out, patients=SYNTH_PATIENTS, seed=SYNTH_SEED, image_scale=SYNTH_IMAGE_SCALE
+    )
     return out
 
 
@@ -43,8 +44,9 @@ def prepared_synthetic(synthetic_dir):
     from dfu_ml.config import Config
     from dfu_ml.data.prepare import prepare_dataset
 
-    return prepare_dataset(synthetic_dir, image_size=SYNTH_IMAGE_SIZE,
-                           crop_margins=Config().crop_margins)
+    return prepare_dataset(
+        synthetic_dir, image_size=SYNTH_IMAGE_SIZE, crop_margins=Config().crop_margins
+    )
 
 
 def with_permuted_labels(dataset, seed: int):

@@ -60,24 +60,37 @@ SCRIPT = textwrap.dedent("""
 
 
 def torch_env():
-    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3",
-               TF_ENABLE_ONEDNN_OPTS="0")
+    env = dict(
+        os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0"
+    )
     return env
 
 
 def test_stages_run_on_the_torch_backend(request, tmp_path):
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                           capture_output=True, text=True, env=torch_env(), timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__)"],
+        capture_output=True,
+        text=True,
+        env=torch_env(),
+        timeout=120,
+    )
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"torch is not importable in {sys.executable} ({last}); "
-                    "`pip install torch` to run the stages on Keras's torch backend")
+        pytest.skip(
+            f"torch is not importable in {sys.executable} ({last}); "
+            "`pip install torch` to run the stages on Keras's torch backend"
+        )
     synthetic_dir = request.getfixturevalue("synthetic_dir")  # only once torch is known to work
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(synthetic_dir), str(tmp_path)],
-                          capture_output=True, text=True, env=torch_env(), timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(synthetic_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=torch_env(),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT ") :])
     assert out["backend"] == "torch"
     kappa = out["kappa_key"]
     stages = out["stages"]

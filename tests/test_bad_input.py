@@ -64,7 +64,7 @@ def test_missing_label_column(data):
     path = data / schema.CLINICAL_CSV
     header, rows = _read(path)
     i = header.index(schema.LABEL_COLUMN)
-    _write(path, header[:i] + header[i + 1:], [r[:i] + r[i + 1:] for r in rows])
+    _write(path, header[:i] + header[i + 1 :], [r[:i] + r[i + 1 :] for r in rows])
     with pytest.raises(DataError) as info:
         prepare_dataset(data, image_size=16)
     assert str(path) in _message(info) and repr(schema.LABEL_COLUMN) in _message(info)
@@ -88,7 +88,7 @@ def test_missing_required_column(data):
     path = data / schema.CLINICAL_CSV
     header, rows = _read(path)
     i = header.index(schema.DFU_COLUMN)
-    _write(path, header[:i] + header[i + 1:], [r[:i] + r[i + 1:] for r in rows])
+    _write(path, header[:i] + header[i + 1 :], [r[:i] + r[i + 1 :] for r in rows])
     with pytest.raises(DataError) as info:
         prepare_dataset(data, image_size=16)
     assert str(path) in _message(info) and schema.DFU_COLUMN in _message(info)
@@ -217,10 +217,20 @@ def test_dataset_folder_without_clinical_csv(tmp_path):
 
 
 def _metadata_dataset(patients, labels) -> PreparedDataset:
-    visits = pd.DataFrame({schema.PATIENT_COLUMN: patients, schema.APPT_COLUMN: range(len(labels)),
-                           schema.DFU_COLUMN: 1, "label": labels})
-    return PreparedDataset(visits=visits, sets=pd.DataFrame(), images={},
-                           meta={"image_size": 16, "modalities": [], "counts": {}})
+    visits = pd.DataFrame(
+        {
+            schema.PATIENT_COLUMN: patients,
+            schema.APPT_COLUMN: range(len(labels)),
+            schema.DFU_COLUMN: 1,
+            "label": labels,
+        }
+    )
+    return PreparedDataset(
+        visits=visits,
+        sets=pd.DataFrame(),
+        images={},
+        meta={"image_size": 16, "modalities": [], "counts": {}},
+    )
 
 
 def test_no_labelled_rows_after_filtering():
@@ -260,8 +270,15 @@ def test_bad_config_value_names_the_key():
 
 @pytest.fixture
 def clean_s3_env(monkeypatch):
-    for name in ("DFU_S3_ENDPOINT", "DFU_S3_ACCESS_KEY", "DFU_S3_SECRET_KEY", "DFU_S3_SECURE",
-                 "DFU_S3_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    for name in (
+        "DFU_S3_ENDPOINT",
+        "DFU_S3_ACCESS_KEY",
+        "DFU_S3_SECRET_KEY",
+        "DFU_S3_SECURE",
+        "DFU_S3_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -307,9 +324,23 @@ def test_prepare_cli_reports_bad_input_without_traceback(data, tmp_path):
     shutil.copyfile(next((data / schema.MODALITY_FOLDERS["depth_map"]).glob("*.png")), bad_csv)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-m", "components.prepare", "--data", str(data), "--out",
-         str(tmp_path / "out"), "--config", "smoke"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "components.prepare",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            "smoke",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ")

@@ -9,8 +9,11 @@ from sklearn.model_selection import KFold
 from dfu_ml.config import load_config
 from dfu_ml.data.schema import NUMERIC_FEATURE_COLUMNS, PATIENT_COLUMN
 from dfu_ml.training import clinical_rf
-from dfu_ml.training.clinical_rf import (clinical_rf_probabilities, fit_clinical_forest,
-                                         out_of_fold_proba)
+from dfu_ml.training.clinical_rf import (
+    clinical_rf_probabilities,
+    fit_clinical_forest,
+    out_of_fold_proba,
+)
 from dfu_ml.training.fold import fold_predictions, fold_rf, plan_fold, training_rows
 from dfu_ml.training.metrics import quadratic_kappa
 from fixtures_data import REAL_DEV, with_permuted_labels
@@ -18,8 +21,9 @@ from fixtures_data import REAL_DEV, with_permuted_labels
 FEATURES = NUMERIC_FEATURE_COLUMNS[:8]
 
 
-def random_visits(patients: int, visits_per_patient: int, seed: int,
-                  duplicate_within_patient: bool = False) -> pd.DataFrame:
+def random_visits(
+    patients: int, visits_per_patient: int, seed: int, duplicate_within_patient: bool = False
+) -> pd.DataFrame:
     """Visits with random features and random labels (no signal). With
     ``duplicate_within_patient`` every visit of a patient is an exact copy (same features, same
     label), so any leakage of a patient across an inner split makes the OOF prediction perfect."""
@@ -30,9 +34,13 @@ def random_visits(patients: int, visits_per_patient: int, seed: int,
         label = int(rng.integers(0, 3))
         for _ in range(visits_per_patient):
             values = shared if duplicate_within_patient else rng.normal(size=len(FEATURES))
-            rows.append({PATIENT_COLUMN: p + 1,
-                         "label": label if duplicate_within_patient else int(rng.integers(0, 3)),
-                         **dict(zip(FEATURES, values))})
+            rows.append(
+                {
+                    PATIENT_COLUMN: p + 1,
+                    "label": label if duplicate_within_patient else int(rng.integers(0, 3)),
+                    **dict(zip(FEATURES, values)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -45,8 +53,9 @@ def test_training_rows_get_out_of_fold_not_in_sample_probabilities():
     labels = visits["label"].to_numpy()
     train = np.arange(0, 90)
     val = np.arange(90, 120)
-    proba, forest = clinical_rf_probabilities(visits, train, val, inner_folds=3, n_estimators=60,
-                                              seed=0)
+    proba, forest = clinical_rf_probabilities(
+        visits, train, val, inner_folds=3, n_estimators=60, seed=0
+    )
     assert not np.isnan(proba).any()
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
     in_sample = true_class_mean(forest.predict_proba(visits.iloc[train]), labels[train])
@@ -62,8 +71,9 @@ def test_training_rows_get_out_of_fold_not_in_sample_probabilities():
 def test_out_of_fold_matches_clinical_rf_probabilities_for_training_rows():
     visits = random_visits(patients=20, visits_per_patient=3, seed=1)
     train = np.arange(0, 45)
-    proba, _ = clinical_rf_probabilities(visits, train, np.arange(45, 60), inner_folds=3,
-                                         n_estimators=20, seed=4)
+    proba, _ = clinical_rf_probabilities(
+        visits, train, np.arange(45, 60), inner_folds=3, n_estimators=20, seed=4
+    )
     oof = out_of_fold_proba(visits.iloc[train], inner_folds=3, n_estimators=20, seed=4)
     np.testing.assert_allclose(proba[train], oof)
 
@@ -110,8 +120,11 @@ def _metadata_cv_kappas(dataset, config) -> list[float]:
     for fold in range(config.cv_folds):
         plan = plan_fold(dataset, config, fold)
         rf_proba, _ = fold_rf(dataset, config, plan)
-        kappas.append(fold_predictions(dataset, config, plan, rf_proba)
-                      ["metrics"]["per_visit"]["quadratic_kappa"])
+        kappas.append(
+            fold_predictions(dataset, config, plan, rf_proba)["metrics"]["per_visit"][
+                "quadratic_kappa"
+            ]
+        )
     return kappas
 
 
@@ -122,8 +135,10 @@ def test_shuffled_labels_give_chance_level_validation_kappa(prepared_synthetic):
     honest, leaky = [], []
     for seed in range(4):
         dataset = with_permuted_labels(prepared_synthetic, seed)
-        config = load_config("smoke", ["modalities=metadata", f"seed={seed}",
-                                       "rf_n_estimators=40", "rf_inner_folds=2"])
+        config = load_config(
+            "smoke",
+            ["modalities=metadata", f"seed={seed}", "rf_n_estimators=40", "rf_inner_folds=2"],
+        )
         honest.extend(_metadata_cv_kappas(dataset, config))
         if seed == 0:
             rows = training_rows(dataset, config)
@@ -156,8 +171,10 @@ def test_validation_patients_never_reach_the_forest(prepared_synthetic, monkeypa
         assert not patients & set(plan["val_patients"])
 
 
-@pytest.mark.skipif(not (REAL_DEV / "DataMaster_Processed_V12_WithMissing.csv").is_file(),
-                    reason=f"the real clinical dev data is not at {REAL_DEV}")
+@pytest.mark.skipif(
+    not (REAL_DEV / "DataMaster_Processed_V12_WithMissing.csv").is_file(),
+    reason=f"the real clinical dev data is not at {REAL_DEV}",
+)
 def test_real_clinical_metadata_cv_is_above_chance():
     """Metadata-only 2-fold patient CV on the real clinical CSV (no images needed): the clinical
     columns carry signal, so quadratic kappa is clearly above chance."""
@@ -165,8 +182,9 @@ def test_real_clinical_metadata_cv_is_above_chance():
 
     dataset = prepare_dataset(REAL_DEV, modalities=[])
     assert dataset.meta["report"]["labelled_visits"] > 500
-    config = load_config("paper", ["modalities=metadata", "cv_folds=2", "rf_n_estimators=60",
-                                   "rf_inner_folds=2"])
+    config = load_config(
+        "paper", ["modalities=metadata", "cv_folds=2", "rf_n_estimators=60", "rf_inner_folds=2"]
+    )
     kappas = _metadata_cv_kappas(dataset, config)
     assert len(kappas) == 2
     assert float(np.mean(kappas)) > 0.15, kappas

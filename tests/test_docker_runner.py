@@ -16,15 +16,30 @@ from pipelines import local_run
 
 IMAGE = os.environ.get("DFU_DOCKER_IMAGE", f"localhost/dfu-kfp-cpu:{__version__}")
 IMAGE_UID = 1000  # USER in docker/Dockerfile.cpu
-STEPS = {"resolve-config-op", "prepare-op", "resample-alpha-op", "clinical-rf-op", "pretrain-image-op",
-         "stage1-op", "stage2-op", "evaluate-op", "publish-op"}
+STEPS = {
+    "resolve-config-op",
+    "prepare-op",
+    "resample-alpha-op",
+    "clinical-rf-op",
+    "pretrain-image-op",
+    "stage1-op",
+    "stage2-op",
+    "evaluate-op",
+    "publish-op",
+}
 
 
-@pytest.mark.parametrize("ref, local", [
-    ("localhost/dfu-kfp-cpu:0.1.0@sha256:" + "a" * 64, "localhost/dfu-kfp-cpu:0.1.0"),
-    ("localhost/dfu-kfp-cpu:0.1.0", "localhost/dfu-kfp-cpu:0.1.0"),
-    ("localhost:5000/dfu-kfp-cpu@sha256:" + "a" * 64, "localhost:5000/dfu-kfp-cpu@sha256:" + "a" * 64),
-])
+@pytest.mark.parametrize(
+    "ref, local",
+    [
+        ("localhost/dfu-kfp-cpu:0.1.0@sha256:" + "a" * 64, "localhost/dfu-kfp-cpu:0.1.0"),
+        ("localhost/dfu-kfp-cpu:0.1.0", "localhost/dfu-kfp-cpu:0.1.0"),
+        (
+            "localhost:5000/dfu-kfp-cpu@sha256:" + "a" * 64,
+            "localhost:5000/dfu-kfp-cpu@sha256:" + "a" * 64,
+        ),
+    ],
+)
 def test_local_ref(ref, local):
     assert local_run._local_ref(ref) == local
 
@@ -33,8 +48,9 @@ def test_local_ref(ref, local):
 def docker_host():
     host = os.environ.get("DFU_DOCKER_HOST")
     if not host:
-        pytest.skip("DFU_DOCKER_HOST is not set (a Docker-compatible socket, e.g. podman's: "
-                    "see .ci/run)")
+        pytest.skip(
+            "DFU_DOCKER_HOST is not set (a Docker-compatible socket, e.g. podman's: see .ci/run)"
+        )
     docker = pytest.importorskip("docker", reason="docker-py is not installed (pip install docker)")
     try:
         client = docker.DockerClient(base_url=host, timeout=30)
@@ -65,14 +81,30 @@ def test_smoke_pipeline_in_the_component_image(docker_env, tmp_path):
     from dfu_ml.data.synthetic import generate_synthetic_dataset
 
     if os.getuid() == IMAGE_UID:
-        pytest.skip(f"this test tells the image's files by their owner, uid {IMAGE_UID}: run it as another user")
+        pytest.skip(
+            f"this test tells the image's files by their owner, uid {IMAGE_UID}: run it as another user"
+        )
     data = tmp_path / "data"  # outside the pipeline root: mounted read-only by run_local
     generate_synthetic_dataset(data, patients=12, seed=0, image_scale=0.1)
-    config = load_config("smoke", ["cv_folds=2", "modalities=[metadata, depth_rgb]", "pretrain_epochs=2",
-                                   "stage1_epochs=2", "stage2_epochs=2"])
+    config = load_config(
+        "smoke",
+        [
+            "cv_folds=2",
+            "modalities=[metadata, depth_rgb]",
+            "pretrain_epochs=2",
+            "stage1_epochs=2",
+            "stage2_epochs=2",
+        ],
+    )
     out = tmp_path / "out"
-    summary = local_run.run_local(config, str(data), out, runner="docker",
-                                  images={"cpu": IMAGE, "gpu": IMAGE}, log=lambda *a: None)
+    summary = local_run.run_local(
+        config,
+        str(data),
+        out,
+        runner="docker",
+        images={"cpu": IMAGE, "gpu": IMAGE},
+        log=lambda *a: None,
+    )
 
     assert len(summary["folds"]) == 2 and summary["modalities"] == ["metadata", "depth_rgb"]
     assert summary["health"] and summary["model_id"]
@@ -85,7 +117,9 @@ def test_smoke_pipeline_in_the_component_image(docker_env, tmp_path):
     done = sorted(run_dir.rglob("executor_output.json"))  # written by each step's executor
     assert {p.parent.name.rstrip("-0123456789") for p in done} == STEPS
     not_in_image = [str(p.relative_to(run_dir)) for p in done if p.stat().st_uid != IMAGE_UID]
-    assert not not_in_image, f"steps that did not run as the image's uid {IMAGE_UID}: {not_in_image}"
+    assert not not_in_image, (
+        f"steps that did not run as the image's uid {IMAGE_UID}: {not_in_image}"
+    )
     assert (run_dir / "evaluate-op" / "summary" / "summary.json").stat().st_uid == IMAGE_UID
     assert not list(data.rglob("*.npz")), "the dataset folder should have been mounted read-only"
 

@@ -74,8 +74,9 @@ def test_unseen_category_does_not_crash():
 
 
 def test_ordinal_codes_follow_the_header_numbering():
-    frame = _visits(3).assign(**{schema.SEX: ["f", " M ", "F"],
-                                 schema.EXUDATE_APPEARANCE: ["Serous", "thick", "BLOODY"]})
+    frame = _visits(3).assign(
+        **{schema.SEX: ["f", " M ", "F"], schema.EXUDATE_APPEARANCE: ["Serous", "thick", "BLOODY"]}
+    )
     encoded = encode_clinical(frame)
     assert encoded[schema.SEX].tolist() == [0.0, 1.0, 0.0]
     assert encoded[schema.EXUDATE_APPEARANCE].tolist() == [0.0, 3.0, 2.0]
@@ -83,8 +84,14 @@ def test_ordinal_codes_follow_the_header_numbering():
 
 def test_leaky_and_identifier_columns_never_become_features():
     transformer = ClinicalFeatureTransformer().fit(_visits(20))
-    forbidden = {*schema.IDENTIFIER_COLUMNS, *schema.LEAKY_COLUMNS, *schema.FREE_TEXT_COLUMNS,
-                 schema.LABEL_COLUMN, "label", "row_in_file"}
+    forbidden = {
+        *schema.IDENTIFIER_COLUMNS,
+        *schema.LEAKY_COLUMNS,
+        *schema.FREE_TEXT_COLUMNS,
+        schema.LABEL_COLUMN,
+        "label",
+        "row_in_file",
+    }
     sources = {c.split("=")[0] for c in transformer.columns_}
     assert not sources & forbidden
     assert schema.WOUND_TEMP in transformer.columns_  # and real features are there
@@ -108,8 +115,9 @@ def test_imputation_and_scaling_use_training_rows_only():
     mean, std = np.mean([30, 31, 35]), np.std([30, 31, 35])
     out = transformer.transform(other)[:, i]
     # Missing -> the training median (31), scaled with the training mean and std.
-    assert out == pytest.approx([(31 - mean) / std, (41 - mean) / std, (100 - mean) / std],
-                                rel=1e-5)
+    assert out == pytest.approx(
+        [(31 - mean) / std, (41 - mean) / std, (100 - mean) / std], rel=1e-5
+    )
     # Fitting on the other split would have given other numbers.
     refit = ClinicalFeatureTransformer().fit(other).transform(other)[:, i]
     assert not np.allclose(refit, out)

@@ -14,8 +14,13 @@ from fixtures_data import smoke_config
 pytestmark = pytest.mark.slow
 
 MODALITIES = "modalities=metadata,depth_rgb,thermal_map"
-PRE_FIX = ("pretrain_alpha=uncapped", "clip_batch_size=false", "batch_size=100000",
-           "stage2_lr=1e-6", "fusion_learnable=false")
+PRE_FIX = (
+    "pretrain_alpha=uncapped",
+    "clip_batch_size=false",
+    "batch_size=100000",
+    "stage2_lr=1e-6",
+    "fusion_learnable=false",
+)
 
 
 def quiet(message):
@@ -30,8 +35,9 @@ def test_fixed_defaults_pass_every_health_check_in_every_fold(prepared_synthetic
     config = smoke_config(MODALITIES, "cv_folds=3")
     assert config.pretrain_alpha == "equal" and config.clip_batch_size
     assert config.fusion_learnable and config.stage2_lr > 1e-6
-    folds = [run_fold(prepared_synthetic, config, k, tmp_path, log=quiet)
-             for k in range(config.cv_folds)]
+    folds = [
+        run_fold(prepared_synthetic, config, k, tmp_path, log=quiet) for k in range(config.cv_folds)
+    ]
     for fold in folds:
         kappa = fold["metrics"]["per_row"]["quadratic_kappa"]
         verdict = health_verdict([fold], config, kappa)
@@ -41,10 +47,17 @@ def test_fixed_defaults_pass_every_health_check_in_every_fold(prepared_synthetic
     assert verdict["passed"], format_verdict(verdict)
     assert summary["blessed"]
     checks = {c["check"] for c in verdict["checks"]}
-    assert {"pretraining_kappa_positive", "stage1_best_epoch_after_1",
-            "stage2_improves_or_stage1_kept", "no_stage_restores_epoch_1",
-            "fusion_weight_learned", "trainable_params_minimum", "steps_per_epoch_minimum",
-            "final_kappa_above_threshold", "predictions_cover_several_classes"} == checks
+    assert {
+        "pretraining_kappa_positive",
+        "stage1_best_epoch_after_1",
+        "stage2_improves_or_stage1_kept",
+        "no_stage_restores_epoch_1",
+        "fusion_weight_learned",
+        "trainable_params_minimum",
+        "steps_per_epoch_minimum",
+        "final_kappa_above_threshold",
+        "predictions_cover_several_classes",
+    } == checks
     # The figures behind the checks, from the folds themselves.
     for fold in folds:
         assert fold["stage1"]["steps_per_epoch"] >= 3
@@ -70,8 +83,14 @@ def test_pre_fix_settings_fail_and_are_flagged(prepared_synthetic, tmp_path):
 
 
 def test_run_fold_is_deterministic(prepared_synthetic, tmp_path):
-    config = smoke_config("modalities=metadata,depth_rgb", "pretrain_epochs=2", "stage1_epochs=2",
-                          "stage2_epochs=1", "rf_n_estimators=20", "rf_inner_folds=2")
+    config = smoke_config(
+        "modalities=metadata,depth_rgb",
+        "pretrain_epochs=2",
+        "stage1_epochs=2",
+        "stage2_epochs=1",
+        "rf_n_estimators=20",
+        "rf_inner_folds=2",
+    )
     first = run_fold(prepared_synthetic, config, 1, tmp_path / "a", log=quiet)
     second = run_fold(prepared_synthetic, config, 1, tmp_path / "b", log=quiet)
     for stage in ("stage1", "stage2"):

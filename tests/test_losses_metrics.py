@@ -6,8 +6,12 @@ import pytest
 from keras import layers, ops
 from sklearn.metrics import cohen_kappa_score
 
-from dfu_ml.training.metrics import (KAPPA, classification_metrics, evaluate_predictions,
-                                     quadratic_kappa)
+from dfu_ml.training.metrics import (
+    KAPPA,
+    classification_metrics,
+    evaluate_predictions,
+    quadratic_kappa,
+)
 from dfu_ml.training.stages import ValidationKappa, one_hot, predict_all
 
 
@@ -67,20 +71,31 @@ def test_quadratic_kappa_is_quadratic_not_unweighted():
     pred = np.array([1, 0, 1, 2, 2, 1, 0, 1, 2, 0])
     assert quadratic_kappa(y, pred) != pytest.approx(cohen_kappa_score(y, pred))
     assert quadratic_kappa(y, pred) == pytest.approx(
-        cohen_kappa_score(y, pred, weights="quadratic"))
+        cohen_kappa_score(y, pred, weights="quadratic")
+    )
 
 
 def test_quadratic_kappa_degenerate_cases():
-    assert quadratic_kappa([1, 1, 1], [1, 1, 1]) == 0.0   # sklearn: nan
-    assert quadratic_kappa([0, 1, 2], [1, 1, 1]) == 0.0   # one predicted class: no agreement beyond chance
+    assert quadratic_kappa([1, 1, 1], [1, 1, 1]) == 0.0  # sklearn: nan
+    assert (
+        quadratic_kappa([0, 1, 2], [1, 1, 1]) == 0.0
+    )  # one predicted class: no agreement beyond chance
     assert np.isnan(quadratic_kappa([], []))
     assert quadratic_kappa([0, 1, 2, 2], [0, 1, 2, 2]) == pytest.approx(1.0)
 
 
 def test_classification_metrics_and_per_visit():
     y = np.array([0, 0, 1, 1, 2, 2])
-    proba = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.1, .6, .3], [.1, .2, .7],
-                      [.5, .4, .1]])
+    proba = np.array(
+        [
+            [0.8, 0.1, 0.1],
+            [0.2, 0.7, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.1, 0.6, 0.3],
+            [0.1, 0.2, 0.7],
+            [0.5, 0.4, 0.1],
+        ]
+    )
     m = classification_metrics(y, proba)
     pred = proba.argmax(1)
     assert m["quadratic_kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
@@ -134,10 +149,15 @@ class Checker(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         scored = self._seen() - self.last
         proba = self.model.predict(self.x_val, batch_size=1000, verbose=0)
-        self.records.append({"logged": logs[KAPPA], "scored": scored,
-                             "expected": quadratic_kappa(self.y_val, proba.argmax(1)),
-                             "accuracy": float((proba.argmax(1) == self.y_val).mean()),
-                             "logged_accuracy": logs["val_accuracy"]})
+        self.records.append(
+            {
+                "logged": logs[KAPPA],
+                "scored": scored,
+                "expected": quadratic_kappa(self.y_val, proba.argmax(1)),
+                "accuracy": float((proba.argmax(1) == self.y_val).mean()),
+                "logged_accuracy": logs["val_accuracy"],
+            }
+        )
         self.last = self._seen()
 
 
@@ -151,19 +171,26 @@ def test_validation_kappa_is_over_the_whole_validation_set():
     x_val = {"x": (centres[y_val] + rng.normal(size=(n_val, 6))).astype("float32")}
     model = tiny_model(6)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy")
-    callback = ValidationKappa(x_val, y_val, batch_size=batch, stage="test", log=lambda m: None,
-                               epochs=4)
+    callback = ValidationKappa(
+        x_val, y_val, batch_size=batch, stage="test", log=lambda m: None, epochs=4
+    )
     checker = Checker(x_val, y_val)
-    history = model.fit(x_train, one_hot(y_train), batch_size=batch, epochs=4, verbose=0,
-                        callbacks=[callback, checker])
+    history = model.fit(
+        x_train,
+        one_hot(y_train),
+        batch_size=batch,
+        epochs=4,
+        verbose=0,
+        callbacks=[callback, checker],
+    )
     assert callback.rows_scored == n_val
     assert len(checker.records) == 4
     for r in checker.records:
-        assert r["scored"] == n_val            # every validation row scored exactly once
+        assert r["scored"] == n_val  # every validation row scored exactly once
         assert r["logged"] == pytest.approx(r["expected"], abs=1e-12)
         assert r["logged_accuracy"] == pytest.approx(r["accuracy"])
     assert history.history[KAPPA] == pytest.approx([r["expected"] for r in checker.records])
-    assert max(history.history[KAPPA]) > 0.3   # the model learned something
+    assert max(history.history[KAPPA]) > 0.3  # the model learned something
 
 
 def test_predict_all_scores_every_row_once():

@@ -74,7 +74,9 @@ def test_kustomizations_resolve():
         assert _resolve(k), f"{k}: no resources"
     # everything in base/ is built by its kustomization
     listed = set(_resolve(MANIFESTS / "base" / "kustomization.yaml"))
-    on_disk = {p.resolve() for p in (MANIFESTS / "base").glob("*.yaml") if p.name != "kustomization.yaml"}
+    on_disk = {
+        p.resolve() for p in (MANIFESTS / "base").glob("*.yaml") if p.name != "kustomization.yaml"
+    }
     assert on_disk == listed
 
 
@@ -85,7 +87,9 @@ def test_overlay_sets_namespace_and_base_does_not():
         assert "namespace" not in obj["metadata"], f"{kind}/{name} hard-codes a namespace"
 
 
-@pytest.mark.parametrize("path_and_obj", _k8s_objects(), ids=lambda fo: f"{fo[0].name}:{fo[1]['kind']}")
+@pytest.mark.parametrize(
+    "path_and_obj", _k8s_objects(), ids=lambda fo: f"{fo[0].name}:{fo[1]['kind']}"
+)
 def test_objects_validate_against_kubernetes_schema(path_and_obj):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     path, obj = path_and_obj
@@ -93,16 +97,22 @@ def test_objects_validate_against_kubernetes_schema(path_and_obj):
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
-        pytest.fail(f"{path}: {obj['kind']} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}")
+        pytest.fail(
+            f"{path}: {obj['kind']} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}"
+        )
 
 
 def test_secret_is_a_template_with_placeholders_only():
     secret = _base_objects()[("Secret", "dfu-kfp-s3")]
-    assert "data" not in secret, "base64 data could hide a real credential: use stringData placeholders"
+    assert "data" not in secret, (
+        "base64 data could hide a real credential: use stringData placeholders"
+    )
     values = secret["stringData"]
     assert set(values) == {"accesskey", "secretkey"}
     for key, value in values.items():
-        assert re.fullmatch(r"(CHANGE|REPLACE)[-_]ME[-_A-Za-z0-9]*", value), f"{key} is not a placeholder"
+        assert re.fullmatch(r"(CHANGE|REPLACE)[-_]ME[-_A-Za-z0-9]*", value), (
+            f"{key} is not a placeholder"
+        )
     # MinIO refuses a root password under 8 characters: the placeholder itself must start
     assert len(values["secretkey"]) >= 8
 
@@ -113,7 +123,9 @@ def test_no_credentials_anywhere_else():
             continue
         text = yaml.safe_dump(d)
         assert not re.search(r"(?i)(password|secretkey|accesskey)\s*:\s*[^\s{]", text), f
-        assert "minio123" not in text and "minioadmin" not in text, f"{f}: default MinIO credentials"
+        assert "minio123" not in text and "minioadmin" not in text, (
+            f"{f}: default MinIO credentials"
+        )
 
 
 def test_kfp_launcher_configmap():
@@ -123,7 +135,11 @@ def test_kfp_launcher_configmap():
     providers = yaml.safe_load(cm["data"]["providers"])
     scheme = root.split("://")[0]
     ref = providers[scheme]["default"]["credentials"]["secretRef"]
-    assert ref == {"secretName": "dfu-kfp-s3", "accessKeyKey": "accesskey", "secretKeyKey": "secretkey"}
+    assert ref == {
+        "secretName": "dfu-kfp-s3",
+        "accessKeyKey": "accesskey",
+        "secretKeyKey": "secretkey",
+    }
     assert providers[scheme]["default"]["endpoint"].split(":")[0] == "dfu-minio"
 
 
@@ -136,7 +152,9 @@ def test_minio_and_bucket_job_use_pinned_images_and_the_secret():
     assert re.fullmatch(r"minio/minio:RELEASE\.20(24|25)-\d\d-\d\dT\d\d-\d\d-\d\dZ", minio["image"])
     assert re.fullmatch(r"minio/mc:RELEASE\.20(24|25)-\d\d-\d\dT\d\d-\d\d-\d\dZ", mc["image"])
     for container in (minio, mc):
-        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+        refs = {
+            e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e
+        }
         assert refs == {"dfu-kfp-s3"}
     script = " ".join(mc["args"])
     for bucket in BUCKETS:
@@ -144,7 +162,10 @@ def test_minio_and_bucket_job_use_pinned_images_and_the_secret():
     claim = deploy["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in objs
     service = objs[("Service", "dfu-minio")]
-    assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        service["spec"]["selector"].items()
+        <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_runner_rbac_is_read_only_and_scoped():

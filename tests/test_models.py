@@ -9,12 +9,25 @@ import pytest
 from keras import layers, ops
 
 from dfu_ml.training import models
-from dfu_ml.training.models import (FUSION_LAYER, IMAGE_CLASSIFIER, OUTPUT_LAYER, RF_INPUT,
-                                    LearnableFusionWeight, backbone_name, build_backbone,
-                                    build_fusion_model, build_image_encoder, build_image_model,
-                                    count_trainable_params, encoder_name, image_input_name,
-                                    load_encoder_into, save_encoder, set_backbone_trainable,
-                                    unfreeze_top_of_backbones)
+from dfu_ml.training.models import (
+    FUSION_LAYER,
+    IMAGE_CLASSIFIER,
+    OUTPUT_LAYER,
+    RF_INPUT,
+    LearnableFusionWeight,
+    backbone_name,
+    build_backbone,
+    build_fusion_model,
+    build_image_encoder,
+    build_image_model,
+    count_trainable_params,
+    encoder_name,
+    image_input_name,
+    load_encoder_into,
+    save_encoder,
+    set_backbone_trainable,
+    unfreeze_top_of_backbones,
+)
 
 SIZE = 32
 ALL_IMAGE = ["depth_rgb", "depth_map", "thermal_rgb", "thermal_map"]
@@ -68,8 +81,9 @@ def test_build_fusion_model(modalities, metadata):
         assert isinstance(encoder, keras.Model) and isinstance(backbone, keras.Model)
         model_ids = {id(w) for w in model.weights}
         assert backbone.weights and all(id(w) in model_ids for w in backbone.weights)
-        assert all(id(w) in {id(t) for t in model.trainable_weights}
-                   for w in backbone.trainable_weights)
+        assert all(
+            id(w) in {id(t) for t in model.trainable_weights} for w in backbone.trainable_weights
+        )
     assert not [l for l in all_layers(model) if isinstance(l, layers.Lambda)]
 
 
@@ -138,8 +152,9 @@ def test_fusion_model_round_trips_through_keras_file(tmp_path):
     assert layer.learnable and layer.initial_rf_weight == pytest.approx(0.7)
     assert layer.rf_weight() == pytest.approx(1 / (1 + math.exp(-0.3)), rel=1e-6)
     x = inputs_for(["depth_rgb", "thermal_map"], 4)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------- backbones
@@ -164,7 +179,8 @@ def test_application_backbone_builds_offline_and_takes_raw_pixels(name):
     module_name, factory_name = APPLICATION_MODULES[name]
     module = getattr(keras.applications, module_name)
     reference = getattr(keras.applications, factory_name)(
-        include_top=False, pooling="avg", input_shape=(SIZE, SIZE, 3), weights=None)
+        include_top=False, pooling="avg", input_shape=(SIZE, SIZE, 3), weights=None
+    )
     reference.set_weights(backbone.get_weights())
     x = images(2)
     ours = np.asarray(backbone.predict(x, verbose=0))
@@ -186,8 +202,9 @@ def test_backbone_weights_from_a_local_file(tmp_path, backbone):
     assert weights_equal(source.get_weights(), loaded.get_weights())  # ...replaced by the file
     # And through the encoder / fusion model that pass the path down.
     encoder = build_image_encoder("depth_rgb", SIZE, backbone, str(path), feature_dim=8)
-    assert weights_equal(source.get_weights(),
-                         encoder.get_layer(backbone_name("depth_rgb")).get_weights())
+    assert weights_equal(
+        source.get_weights(), encoder.get_layer(backbone_name("depth_rgb")).get_weights()
+    )
 
 
 def test_backbone_weights_file_missing():
@@ -203,8 +220,11 @@ def test_encoder_artifact_excludes_output_and_loads_into_fusion(tmp_path):
     encoder = build_image_encoder("thermal_map", SIZE, feature_dim=8)
     image_model = build_image_model(encoder, "thermal_map")
     assert image_model.get_layer(OUTPUT_LAYER)
-    save_encoder(image_model.get_layer(encoder_name("thermal_map")), tmp_path / "enc",
-                 {"modality": "thermal_map"})
+    save_encoder(
+        image_model.get_layer(encoder_name("thermal_map")),
+        tmp_path / "enc",
+        {"modality": "thermal_map"},
+    )
     saved = keras.saving.load_model(tmp_path / "enc" / models.ENCODER_FILE, compile=False)
     assert OUTPUT_LAYER not in {l.name for l in all_layers(saved)}
     assert saved.output_shape[-1] == 8  # features, not class probabilities
@@ -238,7 +258,8 @@ def test_count_trainable_params_and_backbone_freezing():
     assert total == trainable_size(model) > 0
     backbone_params = sum(
         trainable_size(model.get_layer(encoder_name(m)).get_layer(backbone_name(m)))
-        for m in ("depth_rgb", "thermal_map"))
+        for m in ("depth_rgb", "thermal_map")
+    )
     set_backbone_trainable(model, ["depth_rgb", "thermal_map"], False)
     assert count_trainable_params(model) == trainable_size(model) == total - backbone_params
     models.freeze_encoders(model, ["depth_rgb", "thermal_map"])
@@ -247,8 +268,10 @@ def test_count_trainable_params_and_backbone_freezing():
     assert count_trainable_params(model) == 16 * 8 + 8 + 8 * 3 + 3 + 1
 
 
-@pytest.mark.parametrize("backbone, fraction", [("small_cnn", 0.2), ("small_cnn", 0.5),
-                                                ("small_cnn", 1.0), ("MobileNetV3Small", 0.2)])
+@pytest.mark.parametrize(
+    "backbone, fraction",
+    [("small_cnn", 0.2), ("small_cnn", 0.5), ("small_cnn", 1.0), ("MobileNetV3Small", 0.2)],
+)
 def test_unfreeze_top_of_backbones(backbone, fraction):
     keras.utils.set_random_seed(0)
     model = build_fusion_model(["depth_rgb"], SIZE, backbone=backbone, feature_dim=8)

@@ -15,21 +15,29 @@ from dfu_ml.data.schema import CLASS_NAMES, CLINICAL_CSV, LABEL_COLUMN
 from dfu_ml.data.synthetic import generate_synthetic_dataset
 
 GPU_STEPS = ("pretrain-image-op", "stage1-op", "stage2-op")
-FAST = ["cv_folds=2", "pretrain_epochs=3", "stage1_epochs=3", "stage2_epochs=2",
-        "rf_n_estimators=40"]
+FAST = [
+    "cv_folds=2",
+    "pretrain_epochs=3",
+    "stage1_epochs=3",
+    "stage2_epochs=2",
+    "rf_n_estimators=40",
+]
 
 
 def _compile(tmp_path, profile="paper", overrides=(), images=None):
     from pipelines.pipeline import compile_pipeline
 
-    path = compile_pipeline(load_config(profile, list(overrides)), tmp_path / "pipeline.yaml", images)
+    path = compile_pipeline(
+        load_config(profile, list(overrides)), tmp_path / "pipeline.yaml", images
+    )
     text = path.read_text()
     return text, list(yaml.safe_load_all(text))
 
 
 def _is_gpu_step(executor: str) -> bool:
-    return any(executor == f"exec-{name}" or executor.startswith(f"exec-{name}-")
-               for name in GPU_STEPS)
+    return any(
+        executor == f"exec-{name}" or executor.startswith(f"exec-{name}-") for name in GPU_STEPS
+    )
 
 
 def test_compiled_yaml_places_exactly_the_gpu_steps_on_gpu_nodes(tmp_path):
@@ -70,17 +78,34 @@ def test_compiled_yaml_is_a_valid_pipeline_spec_with_pinned_images(tmp_path):
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    images = {"cpu": "registry.example/dfu-kfp-cpu:0.1.0@sha256:" + "a" * 64,
-              "gpu": "registry.example/dfu-kfp-gpu:0.1.0@sha256:" + "b" * 64}
+    images = {
+        "cpu": "registry.example/dfu-kfp-cpu:0.1.0@sha256:" + "a" * 64,
+        "gpu": "registry.example/dfu-kfp-gpu:0.1.0@sha256:" + "b" * 64,
+    }
     _, (spec, platform) = _compile(tmp_path, images=images)
     json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
-    json_format.ParseDict(platform["platforms"]["kubernetes"], pipeline_spec_pb2.SinglePlatformSpec())
+    json_format.ParseDict(
+        platform["platforms"]["kubernetes"], pipeline_spec_pb2.SinglePlatformSpec()
+    )
     used = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert used == set(images.values())
     parameters = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("data", "image_modalities", "use_metadata", "cv_folds", "folds", "data_percentage",
-                 "image_size", "backbone", "pretrain_epochs", "stage1_lr", "stage2_lr",
-                 "alpha_max_ratio", "seed", "profile"):
+    for name in (
+        "data",
+        "image_modalities",
+        "use_metadata",
+        "cv_folds",
+        "folds",
+        "data_percentage",
+        "image_size",
+        "backbone",
+        "pretrain_epochs",
+        "stage1_lr",
+        "stage2_lr",
+        "alpha_max_ratio",
+        "seed",
+        "profile",
+    ):
         assert name in parameters
     paper = load_config("paper")
     assert parameters["image_size"]["defaultValue"] == paper.image_size
@@ -134,8 +159,12 @@ def test_local_pipeline_end_to_end_through_s3_then_predict_on_held_back_patients
             assert stage["best_epoch"] >= 1 and stage["trainable_params"] > 0
             assert -1 <= stage["best_val_kappa"] <= 1
     assert {c["check"] for c in written["health"]["checks"]} >= {
-        "pretraining_kappa_positive", "stage1_best_epoch_after_1", "stage2_improves_or_stage1_kept",
-        "final_kappa_above_threshold", "no_stage_restores_epoch_1"}
+        "pretraining_kappa_positive",
+        "stage1_best_epoch_after_1",
+        "stage2_improves_or_stage1_kept",
+        "final_kappa_above_threshold",
+        "no_stage_restores_epoch_1",
+    }
     assert (tmp_path / "out" / "report.html").read_text().count("<img") >= 2
     # Really trained: the stages ran epochs and the final fit used the folds' best epochs.
     assert written["final_fit_epochs"]["stage1"] >= 1
@@ -152,18 +181,43 @@ def test_local_pipeline_end_to_end_through_s3_then_predict_on_held_back_patients
     clinical = pd.read_csv(new / CLINICAL_CSV, encoding="utf-8-sig")
     visits = len(clinical.drop_duplicates(["Patient#", "Appt#", "DFU#"]))
     out_csv = tmp_path / "pred.csv"
-    assert main(["predict", "--model", written["final_model"], "--data", str(new),
-                 "--out", str(out_csv)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                written["final_model"],
+                "--data",
+                str(new),
+                "--out",
+                str(out_csv),
+            ]
+        )
+        == 0
+    )
     predictions = pd.read_csv(out_csv)
     assert len(predictions) == visits
     proba = predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy()
     assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-4)
     assert set(predictions["predicted_phase"]) <= set(CLASS_NAMES)
     assert (predictions["true_phase"].isin(CLASS_NAMES)).all()
-    clinical.drop(columns=[LABEL_COLUMN]).to_csv(new / CLINICAL_CSV, index=False,
-                                                 encoding="utf-8-sig")
-    assert main(["predict", "--model", written["final_model"], "--data", str(new),
-                 "--out", str(out_csv)]) == 0
+    clinical.drop(columns=[LABEL_COLUMN]).to_csv(
+        new / CLINICAL_CSV, index=False, encoding="utf-8-sig"
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                written["final_model"],
+                "--data",
+                str(new),
+                "--out",
+                str(out_csv),
+            ]
+        )
+        == 0
+    )
     unlabelled = pd.read_csv(out_csv)
     assert "true_phase" not in unlabelled and len(unlabelled) == visits
     assert np.allclose(unlabelled[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(), proba, atol=1e-5)
@@ -175,8 +229,20 @@ def test_metadata_only_run_of_the_main_job(tmp_path, capsys):
 
     data = tmp_path / "data"
     generate_synthetic_dataset(data, patients=14, seed=4, image_scale=0.05)
-    code = main(["run", "--data", str(data), "--out", str(tmp_path / "out"), "--set",
-                 "modalities=metadata", "cv_folds=2", "data_percentage=80", "rf_n_estimators=40"])
+    code = main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "modalities=metadata",
+            "cv_folds=2",
+            "data_percentage=80",
+            "rf_n_estimators=40",
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["modalities"] == ["metadata"]

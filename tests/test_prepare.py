@@ -18,8 +18,15 @@ from PIL import Image
 
 from dfu_ml.data import schema
 from csv_helpers import csv_rows, visit_key
-from dfu_ml.data.prepare import (DATASET_FILE, REPORT_JSON, REPORT_MD, crop_resize_pad,
-                                 load_prepared, prepare_dataset, save_prepared)
+from dfu_ml.data.prepare import (
+    DATASET_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    crop_resize_pad,
+    load_prepared,
+    prepare_dataset,
+    save_prepared,
+)
 from dfu_ml.data.synthetic import generate_synthetic_dataset, render_from_real
 from dfu_ml.errors import DataError
 from pipelines.cli import main as cli_main
@@ -28,9 +35,6 @@ REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dfu_real_d
 LABEL_CODES = {"I": 0, "P": 1, "R": 2}
 NAME = re.compile(r"^(\d+)_P(\d\d\d)(\d\d)(\d)([AB])([DT])([LMR])([WZ])\.png$")
 SCALE = 0.05
-
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,8 +52,12 @@ def real_dir() -> Path:
 def real_prepared(real_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("from_real")
     # The documented command: dfu-kfp synth --from-real DIR --out TMP --image-scale 0.05
-    assert cli_main(["synth", "--from-real", str(real_dir), "--out", str(out),
-                     "--image-scale", str(SCALE)]) == 0
+    assert (
+        cli_main(
+            ["synth", "--from-real", str(real_dir), "--out", str(out), "--image-scale", str(SCALE)]
+        )
+        == 0
+    )
     return out, prepare_dataset(out, image_size=16)
 
 
@@ -98,8 +106,12 @@ def real_expected(real_dir):
 
 def test_from_real_renders_every_box_file(real_prepared, real_expected):
     out, _ = real_prepared
-    for modality, files in (("depth_rgb", "depth_files"), ("depth_map", "depth_files"),
-                            ("thermal_rgb", "thermal_files"), ("thermal_map", "thermal_files")):
+    for modality, files in (
+        ("depth_rgb", "depth_files"),
+        ("depth_map", "depth_files"),
+        ("thermal_rgb", "thermal_files"),
+        ("thermal_map", "thermal_files"),
+    ):
         written = {p.name for p in (out / schema.MODALITY_FOLDERS[modality]).glob("*.png")}
         assert written == real_expected[files], modality
     width, height = schema.FRAME_SIZE["T"]
@@ -158,7 +170,7 @@ def _write_subset(real_dir: Path, target: Path, n_box_rows: int, transform) -> N
         writer.writerows([[r[c] for c in header] for r in rows])
     for name in (schema.DEPTH_BOX_CSV, schema.THERMAL_BOX_CSV):
         lines = (real_dir / name).read_text(encoding="utf-8-sig").splitlines(keepends=True)
-        (target / name).write_text("".join(lines[:n_box_rows + 1]))
+        (target / name).write_text("".join(lines[: n_box_rows + 1]))
 
 
 def _permute(columns, seed=0):
@@ -170,6 +182,7 @@ def _permute(columns, seed=0):
             for r, j in zip(out, order):
                 r[column] = rows[j][column]
         return out
+
     return transform
 
 
@@ -185,8 +198,9 @@ def test_from_real_pixels_come_from_measurements_not_labels(real_dir, tmp_path):
     _write_subset(real_dir, tmp_path / "temp", n_boxes, _permute([schema.WOUND_TEMP]))
     _, orig_rows = csv_rows(tmp_path / "orig" / schema.CLINICAL_CSV)
     _, perm_rows = csv_rows(tmp_path / "perm" / schema.CLINICAL_CSV)
-    changed = sum(a[schema.LABEL_COLUMN] != b[schema.LABEL_COLUMN]
-                  for a, b in zip(orig_rows, perm_rows))
+    changed = sum(
+        a[schema.LABEL_COLUMN] != b[schema.LABEL_COLUMN] for a, b in zip(orig_rows, perm_rows)
+    )
     assert changed > len(orig_rows) / 4  # the permutation really moved labels
 
     images = {}
@@ -209,8 +223,10 @@ def _frame(height=100, width=200, seed=0):
     return np.random.default_rng(seed).integers(1, 256, (height, width, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("box,size", [((50, 20, 110, 50), 16), ((10, 10, 30, 70), 32),
-                                      ((0, 0, 200, 100), 20), ((5, 5, 8, 9), 16)])
+@pytest.mark.parametrize(
+    "box,size",
+    [((50, 20, 110, 50), 16), ((10, 10, 30, 70), 32), ((0, 0, 200, 100), 20), ((5, 5, 8, 9), 16)],
+)
 def test_crop_keeps_aspect_ratio_and_zero_pads(box, size):
     frame = _frame()
     out, clamped = crop_resize_pad(frame, box, 0, size)
@@ -275,8 +291,16 @@ def test_report_has_the_counts_a_user_checks(synth_dir, synth_prepared):
     _, clinical = csv_rows(synth_dir / schema.CLINICAL_CSV)
     _, depth = csv_rows(synth_dir / schema.DEPTH_BOX_CSV)
     keys = {visit_key(r) for r in clinical}
-    for key in ("image_sets", "visits", "patients", "class_mix_visits", "images_missing",
-                "loose_matches", "crops_clamped", "duplicate_visit_keys"):
+    for key in (
+        "image_sets",
+        "visits",
+        "patients",
+        "class_mix_visits",
+        "images_missing",
+        "loose_matches",
+        "crops_clamped",
+        "duplicate_visit_keys",
+    ):
         assert key in report, key
     assert report["visits"] == len(keys)
     assert report["duplicate_visit_keys"] == len(clinical) - len(keys)
@@ -321,8 +345,10 @@ def test_per_modality_margins_change_only_their_crops(synth_dir, synth_prepared)
 def test_save_load_round_trip(synth_prepared, tmp_path):
     path = save_prepared(synth_prepared, tmp_path / "prepared")
     assert path.name == DATASET_FILE
-    assert json.loads((tmp_path / "prepared" / REPORT_JSON).read_text()) == \
-        synth_prepared.meta["report"]
+    assert (
+        json.loads((tmp_path / "prepared" / REPORT_JSON).read_text())
+        == synth_prepared.meta["report"]
+    )
     assert "image sets" in (tmp_path / "prepared" / REPORT_MD).read_text()
     loaded = load_prepared(tmp_path / "prepared")
     assert set(loaded.images) == set(synth_prepared.images)
@@ -341,8 +367,12 @@ def test_save_load_round_trip(synth_prepared, tmp_path):
 
 def test_load_rejects_another_format_version(synth_prepared, tmp_path):
     meta = dict(synth_prepared.meta, format_version=synth_prepared.meta["format_version"] + 98)
-    stale = type(synth_prepared)(visits=synth_prepared.visits, sets=synth_prepared.sets,
-                                 images=synth_prepared.images, meta=meta)
+    stale = type(synth_prepared)(
+        visits=synth_prepared.visits,
+        sets=synth_prepared.sets,
+        images=synth_prepared.images,
+        meta=meta,
+    )
     path = save_prepared(stale, tmp_path / "old", compress=False)
     with pytest.raises(DataError, match=str(meta["format_version"])) as info:
         load_prepared(path)

@@ -81,8 +81,7 @@ def test_clinical_visit_keys_are_integers(clinical, clinical_raw):
     _, rows = clinical_raw
     for column in schema.VISIT_KEY:
         assert np.issubdtype(clinical[column].dtype, np.integer), column
-        np.testing.assert_array_equal(clinical[column].to_numpy(),
-                                      [int(r[column]) for r in rows])
+        np.testing.assert_array_equal(clinical[column].to_numpy(), [int(r[column]) for r in rows])
 
 
 def test_clinical_text_coded_columns_stay_text_and_numbers_become_floats(clinical, clinical_raw):
@@ -125,10 +124,14 @@ def test_deduplicate_visits_counts_duplicated_keys(clinical, clinical_raw):
 @pytest.fixture(scope="module")
 def boxes(real_dir):
     return {
-        "D": (read_boxes(real_dir / schema.DEPTH_BOX_CSV, "D"),
-              _csv_rows(real_dir / schema.DEPTH_BOX_CSV)[1]),
-        "T": (read_boxes(real_dir / schema.THERMAL_BOX_CSV, "T"),
-              _csv_rows(real_dir / schema.THERMAL_BOX_CSV)[1]),
+        "D": (
+            read_boxes(real_dir / schema.DEPTH_BOX_CSV, "D"),
+            _csv_rows(real_dir / schema.DEPTH_BOX_CSV)[1],
+        ),
+        "T": (
+            read_boxes(real_dir / schema.THERMAL_BOX_CSV, "T"),
+            _csv_rows(real_dir / schema.THERMAL_BOX_CSV)[1],
+        ),
     }
 
 
@@ -186,13 +189,25 @@ def test_every_real_file_name_parses(boxes, camera):
         m = NAME.match(name)
         assert m is not None
         assert (parsed.seq, parsed.patient, parsed.appt, parsed.dfu) == tuple(
-            int(g) for g in m.groups()[:4])
+            int(g) for g in m.groups()[:4]
+        )
         assert parsed.camera == camera
         # The name's patient and appointment agree with the row's (the DFU# may not: a frame
         # that shows several ulcers is named after the first).
         assert (parsed.patient, parsed.appt) == (int(r["Patient#"]), int(r["Appt#"]))
-        assert format_image_name(parsed.seq, parsed.patient, parsed.appt, parsed.dfu,
-                                 parsed.debri, parsed.camera, parsed.angle, parsed.view) == name
+        assert (
+            format_image_name(
+                parsed.seq,
+                parsed.patient,
+                parsed.appt,
+                parsed.dfu,
+                parsed.debri,
+                parsed.camera,
+                parsed.angle,
+                parsed.view,
+            )
+            == name
+        )
 
 
 def test_parse_image_name_example_from_data_md():
@@ -203,8 +218,9 @@ def test_parse_image_name_example_from_data_md():
     assert twin.capture == parsed.capture and twin.camera == "T"
 
 
-@pytest.mark.parametrize("name", ["280_P03011BDLW.png", "280_P003011XDLW.png", "P003011BDLW.png",
-                                  "280_P003011BDLW.jpg"])
+@pytest.mark.parametrize(
+    "name", ["280_P03011BDLW.png", "280_P003011XDLW.png", "P003011BDLW.png", "280_P003011BDLW.jpg"]
+)
 def test_bad_image_names_raise_data_error_naming_the_file(name):
     with pytest.raises(DataError, match=re.escape(name)):
         parse_image_name(name)

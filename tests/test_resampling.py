@@ -5,8 +5,12 @@ import pytest
 
 from dfu_ml.config import load_config
 from dfu_ml.training.fold import plan_fold, training_rows
-from dfu_ml.training.resampling import (EQUAL_ALPHA, class_counts, compute_focal_alpha,
-                                        resample_indices)
+from dfu_ml.training.resampling import (
+    EQUAL_ALPHA,
+    class_counts,
+    compute_focal_alpha,
+    resample_indices,
+)
 
 # The study's training counts (I, P, R) and its published alphas.
 STUDY_COUNTS = (157, 302, 45)
@@ -78,11 +82,14 @@ def test_alpha_max_ratio_reaches_the_plan(prepared_synthetic):
 # ----------------------------------------------------------------------------------- resampling
 
 
-@pytest.mark.parametrize("strategy, expected", [
-    ("none", [157, 302, 45]),
-    ("random", [302, 302, 302]),       # every class up to the largest count
-    ("combined", [157, 157, 157]),     # largest down to the middle count, smallest up to it
-])
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("none", [157, 302, 45]),
+        ("random", [302, 302, 302]),  # every class up to the largest count
+        ("combined", [157, 157, 157]),  # largest down to the middle count, smallest up to it
+    ],
+)
 def test_strategy_counts_study(strategy, expected):
     labels = labels_from_counts(STUDY_COUNTS)
     idx = resample_indices(labels, strategy, seed=0)
@@ -105,9 +112,9 @@ def test_oversampling_keeps_every_original_row_and_undersampling_has_no_repeats(
     labels = labels_from_counts(STUDY_COUNTS)
     idx = resample_indices(labels, "combined", seed=0)
     rare = np.flatnonzero(labels == 2)
-    assert set(rare) <= set(idx.tolist())           # every R row kept, then copies added
+    assert set(rare) <= set(idx.tolist())  # every R row kept, then copies added
     common = idx[labels[idx] == 1]
-    assert len(np.unique(common)) == len(common)    # P undersampled without replacement
+    assert len(np.unique(common)) == len(common)  # P undersampled without replacement
     idx = resample_indices(labels, "random", seed=0)
     assert set(range(len(labels))) == set(idx.tolist())
 

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from dfu_ml.training import models
-from dfu_ml.training.fold import (model_inputs, plan_fold, fold_rf, run_pretrain, run_stage1,
-                                  run_stage2, training_rows)
+from dfu_ml.training.fold import (
+    model_inputs,
+    plan_fold,
+    fold_rf,
+    run_pretrain,
+    run_stage1,
+    run_stage2,
+    training_rows,
+)
 from dfu_ml.training.metrics import KAPPA, quadratic_kappa
 from dfu_ml.training.stages import build_fusion_for, effective_batch_size, predict_all
 from fixtures_data import smoke_config
@@ -17,8 +24,14 @@ from fixtures_data import smoke_config
 pytestmark = pytest.mark.slow
 
 MODALITY = "depth_rgb"
-TINY = ("modalities=metadata,depth_rgb", "pretrain_epochs=3", "stage1_epochs=3",
-        "stage2_epochs=2", "rf_n_estimators=20", "rf_inner_folds=2")
+TINY = (
+    "modalities=metadata,depth_rgb",
+    "pretrain_epochs=3",
+    "stage1_epochs=3",
+    "stage2_epochs=2",
+    "rf_n_estimators=20",
+    "rf_inner_folds=2",
+)
 
 
 def quiet(message):
@@ -45,8 +58,8 @@ def head_of(model):
 
 
 def test_effective_batch_size_clips_below_the_training_set():
-    assert effective_batch_size(471, 600, 3) == 157          # the study's RC6 case
-    assert effective_batch_size(267, 16, 2) == 16            # already small enough: unchanged
+    assert effective_batch_size(471, 600, 3) == 157  # the study's RC6 case
+    assert effective_batch_size(267, 16, 2) == 16  # already small enough: unchanged
     assert effective_batch_size(471, 600, 3, clip=False) == 600
     for rows in (1, 2, 5, 17, 100, 471, 1000):
         for batch in (1, 16, 32, 600, 100000):
@@ -78,9 +91,12 @@ def trained(fold_data, tmp_path_factory):
     out["artifact_backbone"] = weights_of(artifact.get_layer(models.backbone_name(MODALITY)))
     out["artifact_head"] = weights_of(artifact.get_layer(f"{MODALITY}_features"))
     s1 = run_stage1(dataset, config, plan, rf_proba, {MODALITY: enc_dir}, log=quiet)
-    out.update(s1=s1, s1_iterations=int(s1.model.optimizer.iterations),
-               s1_weights=[np.array(w) for w in s1.model.get_weights()],
-               s1_loss_alpha=list(s1.model.loss.alpha))
+    out.update(
+        s1=s1,
+        s1_iterations=int(s1.model.optimizer.iterations),
+        s1_weights=[np.array(w) for w in s1.model.get_weights()],
+        s1_loss_alpha=list(s1.model.loss.alpha),
+    )
     s2 = run_stage2(dataset, config, plan, rf_proba, s1, log=quiet)
     out.update(s2=s2, s2_iterations=int(s2.model.optimizer.iterations))
     return out
@@ -93,8 +109,9 @@ def test_stage_results(trained, fold_data):
     for key in ("pre", "s1", "s2"):
         r = trained[key]
         assert r.train_rows == n_train
-        assert r.batch_size == effective_batch_size(n_train, config.batch_size,
-                                                    config.health_min_steps_per_epoch)
+        assert r.batch_size == effective_batch_size(
+            n_train, config.batch_size, config.health_min_steps_per_epoch
+        )
         assert r.steps_per_epoch == math.ceil(n_train / r.batch_size)
         assert r.steps_per_epoch >= config.health_min_steps_per_epoch
         # Keras ran exactly that many updates per epoch.
@@ -159,8 +176,9 @@ def test_stage2_unfreezes_part_of_the_backbone(trained):
     assert extra["improved_on_stage1"] != extra["kept_stage1_weights"]
     assert extra["weights_from"] == ("stage1" if extra["kept_stage1_weights"] else "stage2")
     assert extra["stage1_val_kappa"] == trained["s1"].best_val_kappa
-    assert extra["improved_on_stage1"] == (trained["s2"].best_val_kappa
-                                           > trained["s1"].best_val_kappa)
+    assert extra["improved_on_stage1"] == (
+        trained["s2"].best_val_kappa > trained["s1"].best_val_kappa
+    )
 
 
 @pytest.mark.parametrize("stage2_lr", [1e-12, 0.5])
@@ -171,8 +189,9 @@ def test_stage2_keeps_stage1_weights_when_not_improving(fold_data, trained, stag
     dataset, config, plan, rf_proba = fold_data
     s1 = run_stage1(dataset, config, plan, rf_proba, {MODALITY: trained["enc_dir"]}, log=quiet)
     stage1_weights = [np.array(w) for w in s1.model.get_weights()]
-    s2 = run_stage2(dataset, config.replace(stage2_lr=stage2_lr, stage2_epochs=2), plan,
-                    rf_proba, s1, log=quiet)
+    s2 = run_stage2(
+        dataset, config.replace(stage2_lr=stage2_lr, stage2_epochs=2), plan, rf_proba, s1, log=quiet
+    )
     assert s2.best_val_kappa <= s1.best_val_kappa
     assert s2.extra["kept_stage1_weights"] is True
     assert s2.extra["improved_on_stage1"] is False
@@ -185,8 +204,10 @@ def test_stage2_keeps_stage1_weights_when_not_improving(fold_data, trained, stag
 def test_training_is_deterministic_for_a_seed(fold_data, tmp_path):
     dataset, config, plan, _ = fold_data
     config = config.replace(pretrain_epochs=2)
-    runs = [run_pretrain(dataset, config.replace(seed=seed), plan, MODALITY, None, log=quiet)
-            for seed in (7, 7, 8)]
+    runs = [
+        run_pretrain(dataset, config.replace(seed=seed), plan, MODALITY, None, log=quiet)
+        for seed in (7, 7, 8)
+    ]
     a, b, c = ([np.array(w) for w in r.model.get_weights()] for r in runs)
     assert same(a, b)
     assert runs[0].history == runs[1].history

@@ -43,9 +43,7 @@ def make_tree(root: Path, files=TREE) -> Path:
 
 
 def read_tree(root: Path) -> dict:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def closed_port() -> int:
@@ -102,8 +100,11 @@ def test_settings_read_from_env():
 
 def test_settings_default_to_tls_and_fall_back_to_aws_keys():
     settings = S3Settings.from_env(
-        {"DFU_S3_ENDPOINT": "s3.example.com", "AWS_ACCESS_KEY_ID": "ak",
-         "AWS_SECRET_ACCESS_KEY": SECRET}
+        {
+            "DFU_S3_ENDPOINT": "s3.example.com",
+            "AWS_ACCESS_KEY_ID": "ak",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+        }
     )
     assert (settings.access_key, settings.secret_key, settings.secure) == ("ak", SECRET, True)
     assert settings.region is None
@@ -137,8 +138,13 @@ def test_settings_missing_everything_names_every_variable():
     with pytest.raises(StorageError) as info:
         S3Settings.from_env({})
     message = str(info.value)
-    for name in ("DFU_S3_ENDPOINT", "DFU_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
-                 "DFU_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"):
+    for name in (
+        "DFU_S3_ENDPOINT",
+        "DFU_S3_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "DFU_S3_SECRET_KEY",
+        "AWS_SECRET_ACCESS_KEY",
+    ):
         assert name in message
 
 
@@ -152,16 +158,24 @@ def test_settings_read_os_environ_by_default(monkeypatch):
 
 @pytest.mark.parametrize("value", ["maybe", "2", "on"])
 def test_settings_bad_secure_value_names_the_variable(value):
-    env = {"DFU_S3_ENDPOINT": "m:9000", "DFU_S3_ACCESS_KEY": "a", "DFU_S3_SECRET_KEY": SECRET,
-           "DFU_S3_SECURE": value}
+    env = {
+        "DFU_S3_ENDPOINT": "m:9000",
+        "DFU_S3_ACCESS_KEY": "a",
+        "DFU_S3_SECRET_KEY": SECRET,
+        "DFU_S3_SECURE": value,
+    }
     with pytest.raises(StorageError) as info:
         S3Settings.from_env(env)
     assert "DFU_S3_SECURE" in str(info.value) and repr(value) in str(info.value)
 
 
 def test_settings_reject_scheme_that_contradicts_secure_flag():
-    env = {"DFU_S3_ENDPOINT": "http://m:9000", "DFU_S3_ACCESS_KEY": "a",
-           "DFU_S3_SECRET_KEY": SECRET, "DFU_S3_SECURE": "true"}
+    env = {
+        "DFU_S3_ENDPOINT": "http://m:9000",
+        "DFU_S3_ACCESS_KEY": "a",
+        "DFU_S3_SECRET_KEY": SECRET,
+        "DFU_S3_SECURE": "true",
+    }
     with pytest.raises(StorageError, match="DFU_S3_SECURE"):
         S3Settings.from_env(env)
 
@@ -185,8 +199,14 @@ def test_secret_not_in_configuration_errors():
         S3Settings.from_env({"DFU_S3_SECRET_KEY": SECRET, "DFU_S3_ACCESS_KEY": "ak"})
     assert SECRET not in str(info.value)
     with pytest.raises(StorageError) as info:
-        S3Settings.from_env({"DFU_S3_ENDPOINT": "m:1", "DFU_S3_SECRET_KEY": SECRET,
-                             "DFU_S3_ACCESS_KEY": "ak", "DFU_S3_SECURE": "perhaps"})
+        S3Settings.from_env(
+            {
+                "DFU_S3_ENDPOINT": "m:1",
+                "DFU_S3_SECRET_KEY": SECRET,
+                "DFU_S3_ACCESS_KEY": "ak",
+                "DFU_S3_SECURE": "perhaps",
+            }
+        )
     assert SECRET not in str(info.value)
 
 

@@ -21,9 +21,6 @@ DATA_MD_MIX = {"I": 31.0, "P": 55.7, "R": 13.3}  # percent of visits, DATA.md
 SCALE = 0.05
 
 
-
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth60")
@@ -80,10 +77,13 @@ def test_box_csvs_padding(synth):
     _, depth = csv_rows(out / schema.DEPTH_BOX_CSV)
     _, thermal = csv_rows(out / schema.THERMAL_BOX_CSV)
     assert depth and thermal
-    assert all(re.fullmatch(r"\d{3}", r["Patient#"]) and re.fullmatch(r"\d{2}", r["Appt#"])
-               for r in depth)
-    assert all(r["Patient#"] == str(int(r["Patient#"])) and r["Appt#"] == str(int(r["Appt#"]))
-               for r in thermal)
+    assert all(
+        re.fullmatch(r"\d{3}", r["Patient#"]) and re.fullmatch(r"\d{2}", r["Appt#"]) for r in depth
+    )
+    assert all(
+        r["Patient#"] == str(int(r["Patient#"])) and r["Appt#"] == str(int(r["Appt#"]))
+        for r in thermal
+    )
     assert any(r["Patient#"].startswith("0") for r in depth)
     for rows, camera in ((depth, "D"), (thermal, "T")):
         assert {r["Camera"] for r in rows} == {camera}
@@ -104,8 +104,10 @@ def test_png_sizes_follow_the_scale(synth):
 
 def test_every_box_row_has_its_images(synth):
     out, _ = synth
-    for name, modalities in ((schema.DEPTH_BOX_CSV, ("depth_rgb", "depth_map")),
-                             (schema.THERMAL_BOX_CSV, ("thermal_rgb", "thermal_map"))):
+    for name, modalities in (
+        (schema.DEPTH_BOX_CSV, ("depth_rgb", "depth_map")),
+        (schema.THERMAL_BOX_CSV, ("thermal_rgb", "thermal_map")),
+    ):
         _, rows = csv_rows(out / name)
         for modality in modalities:
             present = {p.name for p in (out / schema.MODALITY_FOLDERS[modality]).glob("*.png")}
@@ -150,8 +152,9 @@ def _wound_temp_gap(folder: Path) -> float:
 def test_clinical_signal_is_tunable(tmp_path):
     gaps = {}
     for signal in (0.0, 1.5):
-        generate_synthetic_dataset(tmp_path / str(signal), patients=40, seed=2, image_scale=SCALE,
-                                   clinical_signal=signal)
+        generate_synthetic_dataset(
+            tmp_path / str(signal), patients=40, seed=2, image_scale=SCALE, clinical_signal=signal
+        )
         gaps[signal] = _wound_temp_gap(tmp_path / str(signal))
     assert abs(gaps[0.0]) < 1.0
     assert gaps[1.5] > gaps[0.0] + 1.5  # inflamed wounds are hotter than remodelling ones

@@ -61,8 +61,10 @@ def find_dataset_files(folder: Path) -> dict:
         "thermal_boxes": folder / schema.THERMAL_BOX_CSV,
     }
     if not files["clinical"].is_file():
-        raise DataError(f"{folder}: no {schema.CLINICAL_CSV}; a dataset folder holds the clinical "
-                        f"CSV, {schema.DEPTH_BOX_CSV}, {schema.THERMAL_BOX_CSV} and the image folders")
+        raise DataError(
+            f"{folder}: no {schema.CLINICAL_CSV}; a dataset folder holds the clinical "
+            f"CSV, {schema.DEPTH_BOX_CSV}, {schema.THERMAL_BOX_CSV} and the image folders"
+        )
     return files
 
 
@@ -77,7 +79,9 @@ def _decode(path: Path) -> np.ndarray:
         raise DataError(f"image file is corrupt or not a PNG: {path} ({exc})") from None
 
 
-def crop_resize_pad(frame: np.ndarray, box: tuple, margin: int, size: int) -> tuple[np.ndarray, bool]:
+def crop_resize_pad(
+    frame: np.ndarray, box: tuple, margin: int, size: int
+) -> tuple[np.ndarray, bool]:
     """Crop ``box`` widened by ``margin`` (clamped at the border), fit into ``size`` keeping the
     aspect ratio and zero-pad to a square. Returns the crop and whether it was clamped."""
     height, width = frame.shape[:2]
@@ -91,7 +95,7 @@ def crop_resize_pad(frame: np.ndarray, box: tuple, margin: int, size: int) -> tu
     resized = np.asarray(crop.resize((new_w, new_h), Image.BILINEAR))
     out = np.zeros((size, size, 3), dtype=np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = resized
+    out[top : top + new_h, left : left + new_w] = resized
     return out, clamped
 
 
@@ -101,12 +105,19 @@ def _check_box_inside(box, shape, box_csv: str, line: int, image: Path) -> None:
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise DataError(
             f"{box_csv}, line {line}: box {box} lies outside {image.name} ({width}x{height}); "
-            "fix the box coordinates (pixels of the original image)")
+            "fix the box coordinates (pixels of the original image)"
+        )
 
 
-def prepare_dataset(folder: Path, image_size: int = 64, modalities=schema.IMAGE_MODALITIES,
-                    crop_margins: dict | None = None, on_missing_image: str = "error",
-                    require_labels: bool = True, workers: int | None = None) -> PreparedDataset:
+def prepare_dataset(
+    folder: Path,
+    image_size: int = 64,
+    modalities=schema.IMAGE_MODALITIES,
+    crop_margins: dict | None = None,
+    on_missing_image: str = "error",
+    require_labels: bool = True,
+    workers: int | None = None,
+) -> PreparedDataset:
     """Read, match, crop and pack a dataset folder. See the module docstring."""
     files = find_dataset_files(folder)
     folder = Path(folder)
@@ -116,18 +127,33 @@ def prepare_dataset(folder: Path, image_size: int = 64, modalities=schema.IMAGE_
     counts: dict = {"duplicate_visit_keys": duplicate_keys}
     if modalities and files["depth_boxes"].is_file():
         depth_boxes = read_boxes(files["depth_boxes"], "D")
-        thermal_boxes = (read_boxes(files["thermal_boxes"], "T") if files["thermal_boxes"].is_file()
-                         else depth_boxes.iloc[0:0])
+        thermal_boxes = (
+            read_boxes(files["thermal_boxes"], "T")
+            if files["thermal_boxes"].is_file()
+            else depth_boxes.iloc[0:0]
+        )
         sets, match_counts = match_image_sets(visits, depth_boxes, thermal_boxes)
         counts.update(match_counts)
     else:
         if modalities:
-            raise DataError(f"{folder}: no {schema.DEPTH_BOX_CSV}; image modalities {modalities} "
-                            "need it (or run with modalities=metadata)")
-        sets = pd.DataFrame(columns=["visit_index", "patient", "appt", "dfu", "depth_file",
-                                     "thermal_file", "thermal_match"])
-    images, crop_counts = _crop_all(folder, sets, modalities, image_size, crop_margins or {},
-                                    on_missing_image, workers)
+            raise DataError(
+                f"{folder}: no {schema.DEPTH_BOX_CSV}; image modalities {modalities} "
+                "need it (or run with modalities=metadata)"
+            )
+        sets = pd.DataFrame(
+            columns=[
+                "visit_index",
+                "patient",
+                "appt",
+                "dfu",
+                "depth_file",
+                "thermal_file",
+                "thermal_match",
+            ]
+        )
+    images, crop_counts = _crop_all(
+        folder, sets, modalities, image_size, crop_margins or {}, on_missing_image, workers
+    )
     counts.update(crop_counts)
     for modality in modalities:
         sets[f"has_{modality}"] = images.pop(f"_ok_{modality}")
@@ -139,14 +165,22 @@ def prepare_dataset(folder: Path, image_size: int = 64, modalities=schema.IMAGE_
         "crop_margins": dict(crop_margins or {}),
         "counts": counts,
     }
-    dataset = PreparedDataset(visits=visits, sets=sets.reset_index(drop=True), images=images,
-                              meta=meta)
+    dataset = PreparedDataset(
+        visits=visits, sets=sets.reset_index(drop=True), images=images, meta=meta
+    )
     meta["report"] = data_report(dataset)
     return dataset
 
 
-def _crop_all(folder: Path, sets: pd.DataFrame, modalities, size: int, margins: dict,
-              on_missing_image: str, workers: int | None):
+def _crop_all(
+    folder: Path,
+    sets: pd.DataFrame,
+    modalities,
+    size: int,
+    margins: dict,
+    on_missing_image: str,
+    workers: int | None,
+):
     images = {m: np.zeros((len(sets), size, size, 3), dtype=np.uint8) for m in modalities}
     ok = {m: np.zeros(len(sets), dtype=bool) for m in modalities}
     counts = {"images_missing": 0, "crops_clamped": 0, "sets_without_thermal": 0}
@@ -169,7 +203,8 @@ def _crop_all(folder: Path, sets: pd.DataFrame, modalities, size: int, margins: 
             if on_missing_image == "error":
                 raise DataError(
                     f"image file missing: {path}; restore it, or set on_missing_image=skip to "
-                    "drop the modality for that image set (counted in the data report)")
+                    "drop the modality for that image set (counted in the data report)"
+                )
             return path, None
         return path, _decode(path)
 
@@ -203,10 +238,12 @@ def data_report(dataset: PreparedDataset) -> dict:
         "image_sets": int(len(sets)),
         "visits_with_images": int(dataset.meta["counts"].get("visits_with_images", 0)),
         "class_mix_visits": mix,
-        "class_mix_visits_percent": {k: round(100.0 * v / max(1, int(labelled.sum())), 1)
-                                     for k, v in mix.items()},
-        "class_mix_image_sets": {name: int((set_labels == i).sum())
-                                 for i, name in enumerate(schema.CLASS_NAMES)},
+        "class_mix_visits_percent": {
+            k: round(100.0 * v / max(1, int(labelled.sum())), 1) for k, v in mix.items()
+        },
+        "class_mix_image_sets": {
+            name: int((set_labels == i).sum()) for i, name in enumerate(schema.CLASS_NAMES)
+        },
         "modalities": dataset.meta["modalities"],
         "image_size": dataset.meta["image_size"],
     }
@@ -228,8 +265,9 @@ def save_prepared(dataset: PreparedDataset, out_dir: Path, compress: bool = True
     sets = dataset.sets.copy()
     for column in ("depth_box", "thermal_box"):
         if column in sets:
-            sets[column] = [json.dumps(list(map(int, b))) if isinstance(b, tuple) else ""
-                            for b in sets[column]]
+            sets[column] = [
+                json.dumps(list(map(int, b))) if isinstance(b, tuple) else "" for b in sets[column]
+            ]
     arrays = {
         "meta_json": np.array(json.dumps(dataset.meta)),
         "visits_csv": np.array(dataset.visits.to_csv(index=False)),
@@ -256,17 +294,27 @@ def load_prepared(path: Path) -> PreparedDataset:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta_json"]))
         if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{path}: prepared-dataset format {meta.get('format_version')} is not "
-                            f"{FORMAT_VERSION}; prepare the dataset again with this version")
+            raise DataError(
+                f"{path}: prepared-dataset format {meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}; prepare the dataset again with this version"
+            )
         # Columns read_clinical keeps as text stay text (an ID such as "0123" keeps its zero).
-        text = {"ID", schema.LABEL_COLUMN, *schema.LEAKY_COLUMNS, *schema.FREE_TEXT_COLUMNS,
-                *schema.ORDINAL_TEXT_COLUMNS, *schema.NOMINAL_TEXT_COLUMNS}
+        text = {
+            "ID",
+            schema.LABEL_COLUMN,
+            *schema.LEAKY_COLUMNS,
+            *schema.FREE_TEXT_COLUMNS,
+            *schema.ORDINAL_TEXT_COLUMNS,
+            *schema.NOMINAL_TEXT_COLUMNS,
+        }
         visits = pd.read_csv(io.StringIO(str(data["visits_csv"])), dtype={c: str for c in text})
-        sets = pd.read_csv(io.StringIO(str(data["sets_csv"])),
-                           dtype={"depth_file": str, "thermal_file": str})
+        sets = pd.read_csv(
+            io.StringIO(str(data["sets_csv"])), dtype={"depth_file": str, "thermal_file": str}
+        )
         for column in ("depth_box", "thermal_box"):  # save_prepared wrote them as JSON lists
             if column in sets:
-                sets[column] = [tuple(json.loads(b)) if isinstance(b, str) and b else None
-                                for b in sets[column]]
+                sets[column] = [
+                    tuple(json.loads(b)) if isinstance(b, str) and b else None for b in sets[column]
+                ]
         images = {m: data[f"images_{m}"] for m in meta["modalities"]}
     return PreparedDataset(visits=visits, sets=sets, images=images, meta=meta)

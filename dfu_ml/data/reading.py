@@ -51,12 +51,21 @@ def parse_image_name(name: str) -> ImageName:
             "'{seq}_P{PPP}{AA}{D}{B|A}{D|T}{L|M|R}{W|Z}.png' (e.g. 280_P003011BDLW.png)"
         )
     g = match.groupdict()
-    return ImageName(int(g["seq"]), int(g["patient"]), int(g["appt"]), int(g["dfu"]),
-                     g["debri"], g["camera"], g["angle"], g["view"])
+    return ImageName(
+        int(g["seq"]),
+        int(g["patient"]),
+        int(g["appt"]),
+        int(g["dfu"]),
+        g["debri"],
+        g["camera"],
+        g["angle"],
+        g["view"],
+    )
 
 
-def format_image_name(seq: int, patient: int, appt: int, dfu: int, debri: str, camera: str,
-                      angle: str, view: str) -> str:
+def format_image_name(
+    seq: int, patient: int, appt: int, dfu: int, debri: str, camera: str, angle: str, view: str
+) -> str:
     """The inverse of :func:`parse_image_name`."""
     return f"{seq}_P{patient:03d}{appt:02d}{dfu}{debri}{camera}{angle}{view}.png"
 
@@ -70,8 +79,14 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         raise DataError(f"{path} is not a CSV file (it holds binary data); expected the {what}")
     try:
         # utf-8-sig drops the BOM; everything is read as text first so that padded IDs survive.
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                            na_values=[""], skipinitialspace=False)
+        frame = pd.read_csv(
+            path,
+            encoding="utf-8-sig",
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            skipinitialspace=False,
+        )
     except (pd.errors.ParserError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path} is not a readable CSV ({what}): {exc}") from None
     except pd.errors.EmptyDataError:
@@ -85,8 +100,8 @@ def _require_columns(frame: pd.DataFrame, columns, path: Path) -> None:
     if missing:
         raise DataError(
             f"{path}: missing required column(s) {missing}; found {list(frame.columns)[:8]}..."
-            if len(frame.columns) > 8 else
-            f"{path}: missing required column(s) {missing}; found {list(frame.columns)}"
+            if len(frame.columns) > 8
+            else f"{path}: missing required column(s) {missing}; found {list(frame.columns)}"
         )
 
 
@@ -120,8 +135,13 @@ def read_clinical(path: Path, require_labels: bool = True) -> pd.DataFrame:
         raise DataError(f"{path}: the clinical CSV has a header but no rows")
     for column in schema.VISIT_KEY:
         frame[column] = _to_int_column(frame, column, path)
-    text_columns = set(schema.ORDINAL_TEXT_COLUMNS) | set(schema.NOMINAL_TEXT_COLUMNS) | set(
-        schema.FREE_TEXT_COLUMNS) | set(schema.LEAKY_COLUMNS) | {schema.LABEL_COLUMN, "ID"}
+    text_columns = (
+        set(schema.ORDINAL_TEXT_COLUMNS)
+        | set(schema.NOMINAL_TEXT_COLUMNS)
+        | set(schema.FREE_TEXT_COLUMNS)
+        | set(schema.LEAKY_COLUMNS)
+        | {schema.LABEL_COLUMN, "ID"}
+    )
     for column in frame.columns:
         if column in text_columns or column in schema.VISIT_KEY:
             continue

@@ -38,15 +38,26 @@ def _full_proba(forest: RandomForestClassifier, features: np.ndarray) -> np.ndar
     return proba
 
 
-def _make_forest(n_estimators: int, max_depth: int, min_samples_leaf: int,
-                 seed: int) -> RandomForestClassifier:
-    return RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth or None,
-                                  min_samples_leaf=min_samples_leaf, class_weight="balanced",
-                                  random_state=seed, n_jobs=-1)
+def _make_forest(
+    n_estimators: int, max_depth: int, min_samples_leaf: int, seed: int
+) -> RandomForestClassifier:
+    return RandomForestClassifier(
+        n_estimators=n_estimators,
+        max_depth=max_depth or None,
+        min_samples_leaf=min_samples_leaf,
+        class_weight="balanced",
+        random_state=seed,
+        n_jobs=-1,
+    )
 
 
-def fit_clinical_forest(visits: pd.DataFrame, n_estimators: int = 300, max_depth: int = 0,
-                        min_samples_leaf: int = 2, seed: int = 0) -> ClinicalForest:
+def fit_clinical_forest(
+    visits: pd.DataFrame,
+    n_estimators: int = 300,
+    max_depth: int = 0,
+    min_samples_leaf: int = 2,
+    seed: int = 0,
+) -> ClinicalForest:
     """Fit the feature transformer and the forest on these (training) visits."""
     transformer = ClinicalFeatureTransformer().fit(visits)
     forest = _make_forest(n_estimators, max_depth, min_samples_leaf, seed)
@@ -54,8 +65,14 @@ def fit_clinical_forest(visits: pd.DataFrame, n_estimators: int = 300, max_depth
     return ClinicalForest(transformer, forest)
 
 
-def out_of_fold_proba(visits: pd.DataFrame, inner_folds: int = 5, n_estimators: int = 300,
-                      max_depth: int = 0, min_samples_leaf: int = 2, seed: int = 0) -> np.ndarray:
+def out_of_fold_proba(
+    visits: pd.DataFrame,
+    inner_folds: int = 5,
+    n_estimators: int = 300,
+    max_depth: int = 0,
+    min_samples_leaf: int = 2,
+    seed: int = 0,
+) -> np.ndarray:
     """Out-of-fold probabilities for each (unique) training visit, grouped by patient.
 
     Every fold refits the feature transformer too, so no statistic of a held-out visit leaks.
@@ -65,21 +82,32 @@ def out_of_fold_proba(visits: pd.DataFrame, inner_folds: int = 5, n_estimators: 
     n_groups = len(np.unique(groups))
     k = max(2, min(inner_folds, n_groups))
     try:
-        splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-                      .split(np.zeros(len(labels)), labels, groups))
+        splits = list(
+            StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
+                np.zeros(len(labels)), labels, groups
+            )
+        )
     except ValueError:
         splits = list(GroupKFold(n_splits=k).split(np.zeros(len(labels)), labels, groups))
     oof = np.full((len(visits), NUM_CLASSES), np.nan)
     for inner_train, inner_held in splits:
-        model = fit_clinical_forest(visits.iloc[inner_train], n_estimators, max_depth,
-                                    min_samples_leaf, seed)
+        model = fit_clinical_forest(
+            visits.iloc[inner_train], n_estimators, max_depth, min_samples_leaf, seed
+        )
         oof[inner_held] = model.predict_proba(visits.iloc[inner_held])
     return oof
 
 
-def clinical_rf_probabilities(visits: pd.DataFrame, train_visits: np.ndarray, val_visits: np.ndarray,
-                              inner_folds: int = 5, n_estimators: int = 300, max_depth: int = 0,
-                              min_samples_leaf: int = 2, seed: int = 0):
+def clinical_rf_probabilities(
+    visits: pd.DataFrame,
+    train_visits: np.ndarray,
+    val_visits: np.ndarray,
+    inner_folds: int = 5,
+    n_estimators: int = 300,
+    max_depth: int = 0,
+    min_samples_leaf: int = 2,
+    seed: int = 0,
+):
     """RF probabilities for one fold.
 
     Returns ``(proba, forest)``: ``proba`` has a row per visit in ``visits`` (NaN for visits in
@@ -90,8 +118,9 @@ def clinical_rf_probabilities(visits: pd.DataFrame, train_visits: np.ndarray, va
     val_visits = np.unique(val_visits)
     proba = np.full((len(visits), NUM_CLASSES), np.nan)
     train_frame = visits.iloc[train_visits]
-    proba[train_visits] = out_of_fold_proba(train_frame, inner_folds, n_estimators, max_depth,
-                                            min_samples_leaf, seed)
+    proba[train_visits] = out_of_fold_proba(
+        train_frame, inner_folds, n_estimators, max_depth, min_samples_leaf, seed
+    )
     forest = fit_clinical_forest(train_frame, n_estimators, max_depth, min_samples_leaf, seed)
     if len(val_visits):
         proba[val_visits] = forest.predict_proba(visits.iloc[val_visits])

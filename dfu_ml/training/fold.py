@@ -21,10 +21,19 @@ from dfu_ml.folds import patient_folds, sample_patients
 from dfu_ml.training import models
 from dfu_ml.training.clinical_rf import clinical_rf_probabilities
 from dfu_ml.training.metrics import evaluate_predictions
-from dfu_ml.training.resampling import (EQUAL_ALPHA, class_counts, compute_focal_alpha,
-                                        resample_indices)
-from dfu_ml.training.stages import (encoder_of, predict_all, pretrain_image_encoder, train_stage1,
-                                    train_stage2)
+from dfu_ml.training.resampling import (
+    EQUAL_ALPHA,
+    class_counts,
+    compute_focal_alpha,
+    resample_indices,
+)
+from dfu_ml.training.stages import (
+    encoder_of,
+    predict_all,
+    pretrain_image_encoder,
+    train_stage1,
+    train_stage2,
+)
 
 FINAL_FIT = -1
 
@@ -36,22 +45,27 @@ def training_rows(dataset: PreparedDataset, config: Config) -> pd.DataFrame:
     if config.image_modalities:
         missing = [m for m in config.image_modalities if m not in dataset.images]
         if missing:
-            raise DataError(f"the prepared dataset has no {missing} images; prepare it with those "
-                            "modalities or change 'modalities'")
+            raise DataError(
+                f"the prepared dataset has no {missing} images; prepare it with those "
+                "modalities or change 'modalities'"
+            )
         sets = dataset.sets
         keep = np.ones(len(sets), dtype=bool)
         for m in config.image_modalities:
             keep &= sets[f"has_{m}"].to_numpy().astype(bool)
         keep &= labelled[sets["visit_index"].to_numpy()] if len(sets) else keep
-        rows = pd.DataFrame({"visit_index": sets["visit_index"].to_numpy()[keep],
-                             "set_index": np.flatnonzero(keep)})
+        rows = pd.DataFrame(
+            {"visit_index": sets["visit_index"].to_numpy()[keep], "set_index": np.flatnonzero(keep)}
+        )
     else:
         rows = pd.DataFrame({"visit_index": np.flatnonzero(labelled), "set_index": -1})
     rows["patient"] = visits[PATIENT_COLUMN].to_numpy()[rows["visit_index"]]
     rows["label"] = visits["label"].to_numpy()[rows["visit_index"]]
     if rows.empty:
-        raise DataError("no labelled rows remain for modalities "
-                        f"{config.modalities}; check the data report (images missing?)")
+        raise DataError(
+            "no labelled rows remain for modalities "
+            f"{config.modalities}; check the data report (images missing?)"
+        )
     return rows.reset_index(drop=True)
 
 
@@ -63,14 +77,19 @@ def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
     visit_labels = visits["label"].to_numpy()[visit_ids]
     visit_patients = visits[PATIENT_COLUMN].to_numpy()[visit_ids]
     sampled = sample_patients(visit_labels, visit_patients, config.data_percentage, config.seed)
-    visit_ids, visit_labels, visit_patients = (visit_ids[sampled], visit_labels[sampled],
-                                               visit_patients[sampled])
+    visit_ids, visit_labels, visit_patients = (
+        visit_ids[sampled],
+        visit_labels[sampled],
+        visit_patients[sampled],
+    )
     if fold == FINAL_FIT:
         train_patients, val_patients = np.unique(visit_patients), np.array([], dtype=int)
     else:
         if not 0 <= fold < config.cv_folds:
-            raise DataError(f"fold {fold} is outside 0..{config.cv_folds - 1} (cv_folds="
-                            f"{config.cv_folds}); use -1 for the final fit")
+            raise DataError(
+                f"fold {fold} is outside 0..{config.cv_folds - 1} (cv_folds="
+                f"{config.cv_folds}); use -1 for the final fit"
+            )
         splits = patient_folds(visit_labels, visit_patients, config.cv_folds, config.seed)
         train_idx, val_idx = splits[fold]
         train_patients = np.unique(visit_patients[train_idx])
@@ -78,10 +97,15 @@ def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
     train_rows = np.flatnonzero(rows["patient"].isin(train_patients).to_numpy())
     val_rows = np.flatnonzero(rows["patient"].isin(val_patients).to_numpy())
     labels = rows["label"].to_numpy()
-    resampled = train_rows[resample_indices(labels[train_rows], config.resampling, config.seed + fold)]
+    resampled = train_rows[
+        resample_indices(labels[train_rows], config.resampling, config.seed + fold)
+    ]
     alpha = compute_focal_alpha(labels[train_rows], config.alpha_max_ratio)
-    pretrain_alpha = {"equal": EQUAL_ALPHA, "capped": alpha,
-                      "uncapped": compute_focal_alpha(labels[train_rows], None)}[config.pretrain_alpha]
+    pretrain_alpha = {
+        "equal": EQUAL_ALPHA,
+        "capped": alpha,
+        "uncapped": compute_focal_alpha(labels[train_rows], None),
+    }[config.pretrain_alpha]
     return {
         "fold": fold,
         "modalities": config.modalities,
@@ -104,20 +128,35 @@ def fold_rf(dataset: PreparedDataset, config: Config, plan: dict):
     train_visits = rows["visit_index"].to_numpy()[plan["train_rows"]]
     val_visits = rows["visit_index"].to_numpy()[plan["val_rows"]]
     return clinical_rf_probabilities(
-        dataset.visits, train_visits, val_visits, config.rf_inner_folds, config.rf_n_estimators,
-        config.rf_max_depth, config.rf_min_samples_leaf, config.seed)
+        dataset.visits,
+        train_visits,
+        val_visits,
+        config.rf_inner_folds,
+        config.rf_n_estimators,
+        config.rf_max_depth,
+        config.rf_min_samples_leaf,
+        config.seed,
+    )
 
 
-def model_inputs(dataset: PreparedDataset, config: Config, rows: pd.DataFrame, row_idx,
-                 rf_proba: np.ndarray | None, modalities=None) -> dict:
+def model_inputs(
+    dataset: PreparedDataset,
+    config: Config,
+    rows: pd.DataFrame,
+    row_idx,
+    rf_proba: np.ndarray | None,
+    modalities=None,
+) -> dict:
     """Model inputs for the given rows: images (raw [0, 255] as float32) and RF probabilities."""
     row_idx = np.asarray(row_idx, dtype=int)
     inputs = {}
     set_idx = rows["set_index"].to_numpy()[row_idx]
-    for m in (config.image_modalities if modalities is None else modalities):
+    for m in config.image_modalities if modalities is None else modalities:
         inputs[models.image_input_name(m)] = dataset.images[m][set_idx].astype("float32")
     if rf_proba is not None and config.uses_metadata:
-        inputs[models.RF_INPUT] = rf_proba[rows["visit_index"].to_numpy()[row_idx]].astype("float32")
+        inputs[models.RF_INPUT] = rf_proba[rows["visit_index"].to_numpy()[row_idx]].astype(
+            "float32"
+        )
     return inputs
 
 
@@ -125,41 +164,71 @@ def _labels(rows: pd.DataFrame, idx) -> np.ndarray:
     return rows["label"].to_numpy()[np.asarray(idx, dtype=int)]
 
 
-def run_pretrain(dataset, config, plan, modality, out_dir: Path | None = None, epochs=None, log=print):
+def run_pretrain(
+    dataset, config, plan, modality, out_dir: Path | None = None, epochs=None, log=print
+):
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
     x = model_inputs(dataset, config, rows, train, None, [modality])
     xv = model_inputs(dataset, config, rows, val, None, [modality]) if val else None
     name = models.image_input_name(modality)
-    result = pretrain_image_encoder(modality, x[name], _labels(rows, train),
-                                    None if xv is None else xv[name],
-                                    _labels(rows, val) if val else None, config,
-                                    plan["alpha_pretrain"], epochs, log)
+    result = pretrain_image_encoder(
+        modality,
+        x[name],
+        _labels(rows, train),
+        None if xv is None else xv[name],
+        _labels(rows, val) if val else None,
+        config,
+        plan["alpha_pretrain"],
+        epochs,
+        log,
+    )
     if out_dir is not None:
-        models.save_encoder(encoder_of(result.model, modality), out_dir,
-                            {"modality": modality, "image_size": config.image_size,
-                             "backbone": config.backbone, "feature_dim": config.feature_dim,
-                             "fold": plan["fold"], "summary": result.summary()})
+        models.save_encoder(
+            encoder_of(result.model, modality),
+            out_dir,
+            {
+                "modality": modality,
+                "image_size": config.image_size,
+                "backbone": config.backbone,
+                "feature_dim": config.feature_dim,
+                "fold": plan["fold"],
+                "summary": result.summary(),
+            },
+        )
     return result
 
 
 def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
-    return train_stage1(model_inputs(dataset, config, rows, train, rf_proba), _labels(rows, train),
-                        model_inputs(dataset, config, rows, val, rf_proba) if val else None,
-                        _labels(rows, val) if val else None, config, plan["alpha_fusion"],
-                        encoder_dirs, epochs, log)
+    return train_stage1(
+        model_inputs(dataset, config, rows, train, rf_proba),
+        _labels(rows, train),
+        model_inputs(dataset, config, rows, val, rf_proba) if val else None,
+        _labels(rows, val) if val else None,
+        config,
+        plan["alpha_fusion"],
+        encoder_dirs,
+        epochs,
+        log,
+    )
 
 
 def run_stage2(dataset, config, plan, rf_proba, stage1, epochs=None, log=print):
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
-    return train_stage2(stage1, model_inputs(dataset, config, rows, train, rf_proba),
-                        _labels(rows, train),
-                        model_inputs(dataset, config, rows, val, rf_proba) if val else None,
-                        _labels(rows, val) if val else None, config, plan["alpha_fusion"],
-                        epochs, log)
+    return train_stage2(
+        stage1,
+        model_inputs(dataset, config, rows, train, rf_proba),
+        _labels(rows, train),
+        model_inputs(dataset, config, rows, val, rf_proba) if val else None,
+        _labels(rows, val) if val else None,
+        config,
+        plan["alpha_fusion"],
+        epochs,
+        log,
+    )
 
 
 def fold_predictions(dataset, config, plan, rf_proba, model=None) -> dict:
@@ -173,28 +242,34 @@ def fold_predictions(dataset, config, plan, rf_proba, model=None) -> dict:
         proba = predict_all(model, model_inputs(dataset, config, rows, val, rf_proba), 256)
     visit_index = rows["visit_index"].to_numpy()[val]
     labels = _labels(rows, val)
-    return {"visit_index": visit_index.tolist(), "labels": labels.tolist(),
-            "proba": np.asarray(proba).tolist(),
-            "metrics": evaluate_predictions(visit_index, labels, proba)}
+    return {
+        "visit_index": visit_index.tolist(),
+        "labels": labels.tolist(),
+        "proba": np.asarray(proba).tolist(),
+        "metrics": evaluate_predictions(visit_index, labels, proba),
+    }
 
 
-def run_fold(dataset: PreparedDataset, config: Config, fold: int, workdir: Path,
-             log=print) -> dict:
+def run_fold(dataset: PreparedDataset, config: Config, fold: int, workdir: Path, log=print) -> dict:
     """Every stage of one fold in this process (tests and notebooks; the pipeline runs the same
     blocks as separate steps). Returns stage summaries and the fold's predictions."""
     workdir = Path(workdir)
     plan = plan_fold(dataset, config, fold)
     rf_proba, _ = fold_rf(dataset, config, plan)
-    out = {"fold": fold, "plan": {k: plan[k] for k in ("alpha_fusion", "alpha_pretrain",
-                                                        "class_counts_train")}, "pretrain": {}}
+    out = {
+        "fold": fold,
+        "plan": {k: plan[k] for k in ("alpha_fusion", "alpha_pretrain", "class_counts_train")},
+        "pretrain": {},
+    }
     if not config.image_modalities:
         out.update(fold_predictions(dataset, config, plan, rf_proba))
         return out
     encoder_dirs = {}
     for modality in config.image_modalities:
         encoder_dirs[modality] = workdir / f"fold{fold}_{modality}_encoder"
-        out["pretrain"][modality] = run_pretrain(dataset, config, plan, modality,
-                                                 encoder_dirs[modality], log=log).summary()
+        out["pretrain"][modality] = run_pretrain(
+            dataset, config, plan, modality, encoder_dirs[modality], log=log
+        ).summary()
     stage1 = run_stage1(dataset, config, plan, rf_proba, encoder_dirs, log=log)
     out["stage1"] = stage1.summary()
     stage2 = run_stage2(dataset, config, plan, rf_proba, stage1, log=log)

@@ -28,11 +28,15 @@ def _used_stages(fold: dict) -> list[dict]:
 
 def _stage_minimum(folds: list[dict], key: str, minimum: int, name: str, what: str) -> dict:
     """Check that every stage of every fold has at least ``minimum`` of ``key``."""
-    figures = [(f["fold"], s["stage"], s[key]) for f in folds
-               for s in [*f["pretrain"].values(), f["stage1"], f["stage2"]]]
+    figures = [
+        (f["fold"], s["stage"], s[key])
+        for f in folds
+        for s in [*f["pretrain"].values(), f["stage1"], f["stage2"]]
+    ]
     fold, stage, lowest = min(figures, key=lambda t: t[2])
-    return _check(name, lowest >= minimum, lowest,
-                  f"{what} ({stage}, fold {fold}); minimum {minimum}")
+    return _check(
+        name, lowest >= minimum, lowest, f"{what} ({stage}, fold {fold}); minimum {minimum}"
+    )
 
 
 def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict:
@@ -46,50 +50,112 @@ def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict
     if image_run:
         pre = [(f["fold"], m, s["best_val_kappa"]) for f in folds for m, s in f["pretrain"].items()]
         worst = min(pre, key=lambda t: t[2]) if pre else None
-        checks.append(_check(
-            "pretraining_kappa_positive", bool(pre) and all(k > 0 for _, _, k in pre),
-            None if worst is None else round(worst[2], 4),
-            "lowest pre-training validation kappa" + (f" (fold {worst[0]}, {worst[1]})" if worst else "")))
+        checks.append(
+            _check(
+                "pretraining_kappa_positive",
+                bool(pre) and all(k > 0 for _, _, k in pre),
+                None if worst is None else round(worst[2], 4),
+                "lowest pre-training validation kappa"
+                + (f" (fold {worst[0]}, {worst[1]})" if worst else ""),
+            )
+        )
         s1 = [(f["fold"], f["stage1"]["best_epoch"]) for f in folds]
-        checks.append(_check("stage1_best_epoch_after_1", all(e > 1 for _, e in s1),
-                             min(e for _, e in s1), "smallest Stage 1 best epoch"))
+        checks.append(
+            _check(
+                "stage1_best_epoch_after_1",
+                all(e > 1 for _, e in s1),
+                min(e for _, e in s1),
+                "smallest Stage 1 best epoch",
+            )
+        )
         s2 = [f["stage2"] for f in folds]
         improved = sum(bool(s.get("improved_on_stage1")) for s in s2)
         kept = sum(bool(s.get("kept_stage1_weights")) for s in s2)
-        consistent = all(bool(s.get("improved_on_stage1")) != bool(s.get("kept_stage1_weights"))
-                         for s in s2)
-        checks.append(_check("stage2_improves_or_stage1_kept", consistent,
-                             f"improved {improved}, kept Stage 1 {kept}",
-                             "Stage 2 improved on Stage 1, or Stage 1's weights were kept and reported"))
-        epoch1 = [(f["fold"], s["stage"]) for f in folds for s in _used_stages(f)
-                  if s["best_epoch"] == 1 and s["epochs_run"] > 1]
-        checks.append(_check("no_stage_restores_epoch_1", not epoch1, len(epoch1),
-                             "stages whose returned weights are from epoch 1" +
-                             (f": {epoch1}" if epoch1 else "")))
+        consistent = all(
+            bool(s.get("improved_on_stage1")) != bool(s.get("kept_stage1_weights")) for s in s2
+        )
+        checks.append(
+            _check(
+                "stage2_improves_or_stage1_kept",
+                consistent,
+                f"improved {improved}, kept Stage 1 {kept}",
+                "Stage 2 improved on Stage 1, or Stage 1's weights were kept and reported",
+            )
+        )
+        epoch1 = [
+            (f["fold"], s["stage"])
+            for f in folds
+            for s in _used_stages(f)
+            if s["best_epoch"] == 1 and s["epochs_run"] > 1
+        ]
+        checks.append(
+            _check(
+                "no_stage_restores_epoch_1",
+                not epoch1,
+                len(epoch1),
+                "stages whose returned weights are from epoch 1"
+                + (f": {epoch1}" if epoch1 else ""),
+            )
+        )
         if config.uses_metadata:
-            moved = [abs(f["stage2"].get("fusion_rf_weight", 0) -
-                         f["stage2"].get("fusion_rf_weight_initial", 0)) for f in folds]
-            checks.append(_check("fusion_weight_learned", all(m > 1e-4 for m in moved),
-                                 round(min(moved), 5),
-                                 "smallest change of the RF fusion weight from its initial value "
-                                 "(0 means a fixed or gradient-starved fusion)"))
-        checks.append(_stage_minimum(folds, "trainable_params", config.health_min_trainable_params,
-                                     "trainable_params_minimum", "fewest trainable parameters"))
-        checks.append(_stage_minimum(folds, "steps_per_epoch", config.health_min_steps_per_epoch,
-                                     "steps_per_epoch_minimum", "fewest steps per epoch"))
-    checks.append(_check("final_kappa_above_threshold",
-                         not np.isnan(mean_kappa) and mean_kappa > config.health_min_kappa,
-                         round(float(mean_kappa), 4),
-                         f"mean quadratic kappa over folds; threshold {config.health_min_kappa}"))
+            moved = [
+                abs(
+                    f["stage2"].get("fusion_rf_weight", 0)
+                    - f["stage2"].get("fusion_rf_weight_initial", 0)
+                )
+                for f in folds
+            ]
+            checks.append(
+                _check(
+                    "fusion_weight_learned",
+                    all(m > 1e-4 for m in moved),
+                    round(min(moved), 5),
+                    "smallest change of the RF fusion weight from its initial value "
+                    "(0 means a fixed or gradient-starved fusion)",
+                )
+            )
+        checks.append(
+            _stage_minimum(
+                folds,
+                "trainable_params",
+                config.health_min_trainable_params,
+                "trainable_params_minimum",
+                "fewest trainable parameters",
+            )
+        )
+        checks.append(
+            _stage_minimum(
+                folds,
+                "steps_per_epoch",
+                config.health_min_steps_per_epoch,
+                "steps_per_epoch_minimum",
+                "fewest steps per epoch",
+            )
+        )
+    checks.append(
+        _check(
+            "final_kappa_above_threshold",
+            not np.isnan(mean_kappa) and mean_kappa > config.health_min_kappa,
+            round(float(mean_kappa), 4),
+            f"mean quadratic kappa over folds; threshold {config.health_min_kappa}",
+        )
+    )
     classes = [f["metrics"]["per_row"]["predicted_classes"] for f in folds]
-    checks.append(_check("predictions_cover_several_classes", all(c > 1 for c in classes),
-                         min(classes), "fewest distinct predicted classes in a fold"))
+    checks.append(
+        _check(
+            "predictions_cover_several_classes",
+            all(c > 1 for c in classes),
+            min(classes),
+            "fewest distinct predicted classes in a fold",
+        )
+    )
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
 def format_verdict(verdict: dict) -> str:
     lines = [f"Training health: {'PASS' if verdict['passed'] else 'FAIL'}"]
     for c in verdict["checks"]:
-        lines.append(f"  [{'pass' if c['passed'] else 'FAIL'}] {c['check']}: {c['figure']} "
-                     f"({c['detail']})")
+        lines.append(
+            f"  [{'pass' if c['passed'] else 'FAIL'}] {c['check']}: {c['figure']} ({c['detail']})"
+        )
     return "\n".join(lines)

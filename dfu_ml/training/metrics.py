@@ -34,7 +34,9 @@ def classification_metrics(y_true, proba) -> dict:
     return {
         "quadratic_kappa": quadratic_kappa(y_true, y_pred),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=LABELS, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=LABELS, average="macro", zero_division=0)
+        ),
         "f1_per_class": {CLASS_NAMES[i]: float(per_class[i]) for i in LABELS},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=LABELS).tolist(),
         "predicted_classes": int(len(np.unique(y_pred))),
@@ -57,8 +59,10 @@ def per_visit(visit_index, y_true, proba) -> tuple[np.ndarray, np.ndarray, np.nd
 def evaluate_predictions(visit_index, y_true, proba) -> dict:
     """Metrics per image-set row and per visit."""
     _, visit_labels, visit_proba = per_visit(visit_index, y_true, proba)
-    return {"per_row": classification_metrics(y_true, proba),
-            "per_visit": classification_metrics(visit_labels, visit_proba)}
+    return {
+        "per_row": classification_metrics(y_true, proba),
+        "per_visit": classification_metrics(visit_labels, visit_proba),
+    }
 
 
 def mean_std(values) -> dict:

@@ -73,9 +73,12 @@ def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> k
         factory = keras.applications
         for part in path:
             factory = getattr(factory, part)
-        kwargs = {"include_top": False, "pooling": "avg",
-                  "input_shape": (image_size, image_size, 3),
-                  "weights": "imagenet" if weights == "imagenet" else None}
+        kwargs = {
+            "include_top": False,
+            "pooling": "avg",
+            "input_shape": (image_size, image_size, 3),
+            "weights": "imagenet" if weights == "imagenet" else None,
+        }
         if backbone == "MobileNetV3Small":
             kwargs["include_preprocessing"] = True
         if backbone.startswith("DenseNet"):
@@ -84,8 +87,10 @@ def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> k
             raw = keras.Input((image_size, image_size, 3), name=f"{name}_input")
             x = layers.Rescaling(1.0 / 255.0, name="rescale_255")(raw)
             kwargs["input_tensor"] = layers.Normalization(
-                mean=[0.485, 0.456, 0.406], variance=[0.229 ** 2, 0.224 ** 2, 0.225 ** 2],
-                name="imagenet_normalization")(x)
+                mean=[0.485, 0.456, 0.406],
+                variance=[0.229**2, 0.224**2, 0.225**2],
+                name="imagenet_normalization",
+            )(x)
         model = factory(**kwargs)
         model.name = name
     if weights not in ("none", "imagenet", "", None):
@@ -95,9 +100,14 @@ def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> k
     return model
 
 
-def build_image_encoder(modality: str, image_size: int, backbone: str = "small_cnn",
-                        weights: str = "none", feature_dim: int = 64,
-                        dropout: float = 0.3) -> keras.Model:
+def build_image_encoder(
+    modality: str,
+    image_size: int,
+    backbone: str = "small_cnn",
+    weights: str = "none",
+    feature_dim: int = 64,
+    dropout: float = 0.3,
+) -> keras.Model:
     """Image encoder for one modality: backbone sub-model + a head to a feature vector."""
     inputs = keras.Input((image_size, image_size, 3), name=image_input_name(modality))
     features = build_backbone(backbone, image_size, weights, backbone_name(modality))(inputs)
@@ -129,9 +139,12 @@ class LearnableFusionWeight(layers.Layer):
 
     def build(self, input_shape):
         logit = math.log(self.initial_rf_weight / (1.0 - self.initial_rf_weight))
-        self.logit = self.add_weight(name="rf_logit", shape=(),
-                                     initializer=keras.initializers.Constant(logit),
-                                     trainable=self.learnable)
+        self.logit = self.add_weight(
+            name="rf_logit",
+            shape=(),
+            initializer=keras.initializers.Constant(logit),
+            trainable=self.learnable,
+        )
 
     def call(self, inputs):
         p_rf, p_img = inputs
@@ -142,26 +155,39 @@ class LearnableFusionWeight(layers.Layer):
         return float(ops.convert_to_numpy(ops.sigmoid(self.logit)))
 
     def get_config(self):
-        return {**super().get_config(), "initial_rf_weight": self.initial_rf_weight,
-                "learnable": self.learnable}
+        return {
+            **super().get_config(),
+            "initial_rf_weight": self.initial_rf_weight,
+            "learnable": self.learnable,
+        }
 
 
-def build_fusion_model(modalities: list[str], image_size: int, use_metadata: bool = True,
-                       backbone: str = "small_cnn", weights: str = "none", feature_dim: int = 64,
-                       dropout: float = 0.3, rf_weight: float = 0.7,
-                       learnable_fusion: bool = True) -> keras.Model:
+def build_fusion_model(
+    modalities: list[str],
+    image_size: int,
+    use_metadata: bool = True,
+    backbone: str = "small_cnn",
+    weights: str = "none",
+    feature_dim: int = 64,
+    dropout: float = 0.3,
+    rf_weight: float = 0.7,
+    learnable_fusion: bool = True,
+) -> keras.Model:
     """Fusion of RF probabilities with 1..4 image modalities (or image-only without metadata).
 
     Image features (concatenated and projected when several) -> ``image_classifier`` Dense(3)
     -> :class:`LearnableFusionWeight` with the RF probabilities.
     """
     if not modalities:
-        raise ValueError("the fusion model needs at least one image modality; a metadata-only "
-                         "run uses the random forest's probabilities directly")
+        raise ValueError(
+            "the fusion model needs at least one image modality; a metadata-only "
+            "run uses the random forest's probabilities directly"
+        )
     inputs, features = {}, []
     for modality in modalities:
         inputs[image_input_name(modality)] = keras.Input(
-            (image_size, image_size, 3), name=image_input_name(modality))
+            (image_size, image_size, 3), name=image_input_name(modality)
+        )
         encoder = build_image_encoder(modality, image_size, backbone, weights, feature_dim, dropout)
         features.append(encoder(inputs[image_input_name(modality)]))
     if len(features) > 1:
@@ -175,7 +201,8 @@ def build_fusion_model(modalities: list[str], image_size: int, use_metadata: boo
     else:
         inputs[RF_INPUT] = keras.Input((NUM_CLASSES,), name=RF_INPUT)
         outputs = LearnableFusionWeight(rf_weight, learnable_fusion, name=FUSION_LAYER)(
-            [inputs[RF_INPUT], image_probs])
+            [inputs[RF_INPUT], image_probs]
+        )
     return keras.Model(inputs, outputs, name="dfu_fusion")
 
 
@@ -185,7 +212,9 @@ def count_trainable_params(model: keras.Model) -> int:
 
 def set_backbone_trainable(model: keras.Model, modalities: list[str], trainable: bool) -> None:
     for modality in modalities:
-        model.get_layer(encoder_name(modality)).get_layer(backbone_name(modality)).trainable = trainable
+        model.get_layer(encoder_name(modality)).get_layer(
+            backbone_name(modality)
+        ).trainable = trainable
 
 
 def freeze_encoders(model: keras.Model, modalities: list[str]) -> None:
@@ -208,7 +237,9 @@ def unfreeze_top_of_backbones(model: keras.Model, modalities: list[str], fractio
         # The fraction counts the layers that can be unfrozen: counted over BatchNorm layers too,
         # the top "layer" of every backbone here is a BatchNorm and a small fraction unfroze nothing.
         tunable = [layer for layer in weighted if not isinstance(layer, layers.BatchNormalization)]
-        first_unfrozen = len(tunable) - max(1, round(fraction * len(tunable))) if fraction else len(tunable)
+        first_unfrozen = (
+            len(tunable) - max(1, round(fraction * len(tunable))) if fraction else len(tunable)
+        )
         for layer in weighted:
             if isinstance(layer, layers.BatchNormalization):
                 layer.trainable = False
@@ -233,8 +264,9 @@ def load_encoder_into(model: keras.Model, modality: str, directory: Path) -> Non
     directory = Path(directory)
     description = json.loads((directory / ENCODER_CONFIG).read_text())
     if description.get("modality") != modality:
-        raise ValueError(f"{directory} holds the {description.get('modality')} encoder, "
-                         f"not {modality}")
+        raise ValueError(
+            f"{directory} holds the {description.get('modality')} encoder, not {modality}"
+        )
     loaded = keras.saving.load_model(directory / ENCODER_FILE, compile=False)
     target = model.get_layer(encoder_name(modality))
     target.set_weights(loaded.get_weights())

@@ -52,16 +52,24 @@ class StageResult:
     def summary(self) -> dict:
         """JSON-ready figures (everything but the model)."""
         return {
-            "stage": self.stage, "best_epoch": self.best_epoch,
-            "best_val_kappa": self.best_val_kappa, "trainable_params": self.trainable_params,
-            "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch,
-            "train_rows": self.train_rows, "val_rows_scored": self.val_rows_scored,
-            "epochs_run": self.epochs_run, "seconds": round(self.seconds, 2),
-            "history": self.history, **self.extra,
+            "stage": self.stage,
+            "best_epoch": self.best_epoch,
+            "best_val_kappa": self.best_val_kappa,
+            "trainable_params": self.trainable_params,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_rows": self.train_rows,
+            "val_rows_scored": self.val_rows_scored,
+            "epochs_run": self.epochs_run,
+            "seconds": round(self.seconds, 2),
+            "history": self.history,
+            **self.extra,
         }
 
 
-def effective_batch_size(train_rows: int, batch_size: int, min_steps: int, clip: bool = True) -> int:
+def effective_batch_size(
+    train_rows: int, batch_size: int, min_steps: int, clip: bool = True
+) -> int:
     """Clip the batch size so an epoch has at least ``min_steps`` updates (RC6: a batch of 600 on
     471 rows gave one update per epoch)."""
     if not clip:
@@ -90,8 +98,9 @@ class ValidationKappa(keras.callbacks.Callback):
     It must come before EarlyStopping in the callback list, so that EarlyStopping sees it.
     """
 
-    def __init__(self, inputs: dict, labels: np.ndarray, batch_size: int, stage: str, log: Log,
-                 epochs: int):
+    def __init__(
+        self, inputs: dict, labels: np.ndarray, batch_size: int, stage: str, log: Log, epochs: int
+    ):
         super().__init__()
         self.inputs, self.labels, self.batch_size = inputs, np.asarray(labels), batch_size
         self.stage, self.log, self.epochs = stage, log, epochs
@@ -105,8 +114,10 @@ class ValidationKappa(keras.callbacks.Callback):
         logs[KAPPA] = quadratic_kappa(self.labels, predicted)
         logs["val_accuracy"] = float((predicted == self.labels).mean())
         logs["val_predicted_classes"] = int(len(np.unique(predicted)))
-        self.log(f"  {self.stage} epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} "
-                 f"{KAPPA} {logs[KAPPA]:.4f} val_accuracy {logs['val_accuracy']:.3f}")
+        self.log(
+            f"  {self.stage} epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} "
+            f"{KAPPA} {logs[KAPPA]:.4f} val_accuracy {logs['val_accuracy']:.3f}"
+        )
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -117,36 +128,66 @@ class EpochLog(keras.callbacks.Callback):
         self.stage, self.log, self.epochs = stage, log, epochs
 
     def on_epoch_end(self, epoch, logs=None):
-        self.log(f"  {self.stage} epoch {epoch + 1}/{self.epochs}: loss {(logs or {}).get('loss', 0):.4f}")
+        self.log(
+            f"  {self.stage} epoch {epoch + 1}/{self.epochs}: loss {(logs or {}).get('loss', 0):.4f}"
+        )
 
 
-def _fit(stage: str, model: keras.Model, x_train: dict, y_train: np.ndarray, x_val: dict | None,
-         y_val: np.ndarray | None, alpha, learning_rate: float, epochs: int, config: Config,
-         log: Log) -> StageResult:
+def _fit(
+    stage: str,
+    model: keras.Model,
+    x_train: dict,
+    y_train: np.ndarray,
+    x_val: dict | None,
+    y_val: np.ndarray | None,
+    alpha,
+    learning_rate: float,
+    epochs: int,
+    config: Config,
+    log: Log,
+) -> StageResult:
     start = time.time()
     train_rows = len(y_train)
-    batch = effective_batch_size(train_rows, config.batch_size, config.health_min_steps_per_epoch,
-                                 config.clip_batch_size)
+    batch = effective_batch_size(
+        train_rows, config.batch_size, config.health_min_steps_per_epoch, config.clip_batch_size
+    )
     steps = math.ceil(train_rows / batch)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalFocalCrossentropy(alpha=list(alpha), gamma=config.focal_gamma),
     )
     params = models.count_trainable_params(model)
-    log(f"{stage}: {train_rows} training rows, batch {batch}, {steps} steps/epoch, "
+    log(
+        f"{stage}: {train_rows} training rows, batch {batch}, {steps} steps/epoch, "
         f"{params:,} trainable parameters, lr {learning_rate:g}, alpha "
-        f"[{', '.join(f'{a:.3f}' for a in alpha)}]")
+        f"[{', '.join(f'{a:.3f}' for a in alpha)}]"
+    )
     has_val = y_val is not None and len(y_val) > 0
     if has_val:
-        kappa = ValidationKappa(x_val, y_val, batch_size=max(batch, 64), stage=stage, log=log,
-                                epochs=epochs)
-        callbacks = [kappa, keras.callbacks.EarlyStopping(
-            monitor=KAPPA, mode="max", patience=config.early_stopping_patience,
-            restore_best_weights=True, verbose=0)]
+        kappa = ValidationKappa(
+            x_val, y_val, batch_size=max(batch, 64), stage=stage, log=log, epochs=epochs
+        )
+        callbacks = [
+            kappa,
+            keras.callbacks.EarlyStopping(
+                monitor=KAPPA,
+                mode="max",
+                patience=config.early_stopping_patience,
+                restore_best_weights=True,
+                verbose=0,
+            ),
+        ]
     else:
         callbacks = [EpochLog(stage, log, epochs)]
-    fitted = model.fit(x_train, one_hot(y_train), batch_size=batch, epochs=epochs, shuffle=True,
-                       verbose=0, callbacks=callbacks)
+    fitted = model.fit(
+        x_train,
+        one_hot(y_train),
+        batch_size=batch,
+        epochs=epochs,
+        shuffle=True,
+        verbose=0,
+        callbacks=callbacks,
+    )
     history = {k: [float(v) for v in values] for k, values in fitted.history.items()}
     epochs_run = len(history.get("loss", []))
     if has_val:
@@ -158,30 +199,65 @@ def _fit(stage: str, model: keras.Model, x_train: dict, y_train: np.ndarray, x_v
     else:
         best_epoch, best_kappa, rows_scored = epochs_run, float("nan"), 0
     log(f"{stage}: best epoch {best_epoch} of {epochs_run}, {KAPPA} {best_kappa:.4f}")
-    return StageResult(stage, model, history, best_epoch, best_kappa, params, batch, steps,
-                       train_rows, rows_scored, epochs_run, time.time() - start)
+    return StageResult(
+        stage,
+        model,
+        history,
+        best_epoch,
+        best_kappa,
+        params,
+        batch,
+        steps,
+        train_rows,
+        rows_scored,
+        epochs_run,
+        time.time() - start,
+    )
 
 
 def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def pretrain_image_encoder(modality: str, x_train: np.ndarray, y_train: np.ndarray,
-                           x_val: np.ndarray | None, y_val: np.ndarray | None, config: Config,
-                           alpha=(1.0, 1.0, 1.0), epochs: int | None = None,
-                           log: Log = _print) -> StageResult:
+def pretrain_image_encoder(
+    modality: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    config: Config,
+    alpha=(1.0, 1.0, 1.0),
+    epochs: int | None = None,
+    log: Log = _print,
+) -> StageResult:
     """Pre-train one modality's image encoder as a standalone image model (RC1: equal alpha by
     default, low learning rate, kappa-monitored). ``result.model`` is the image model;
     :func:`encoder_of` gives its encoder (everything but the ``output`` layer)."""
     keras.utils.set_random_seed(config.seed)
-    encoder = models.build_image_encoder(modality, config.image_size, config.backbone,
-                                         config.backbone_weights, config.feature_dim, config.dropout)
+    encoder = models.build_image_encoder(
+        modality,
+        config.image_size,
+        config.backbone,
+        config.backbone_weights,
+        config.feature_dim,
+        config.dropout,
+    )
     model = models.build_image_model(encoder, modality)
     name = models.image_input_name(modality)
     x_val_dict = None if x_val is None else {name: np.asarray(x_val, "float32")}
-    return _fit(f"pretrain[{modality}]", model, {name: np.asarray(x_train, "float32")}, y_train,
-                x_val_dict, y_val, alpha, config.pretrain_lr, epochs or config.pretrain_epochs,
-                config, log)
+    return _fit(
+        f"pretrain[{modality}]",
+        model,
+        {name: np.asarray(x_train, "float32")},
+        y_train,
+        x_val_dict,
+        y_val,
+        alpha,
+        config.pretrain_lr,
+        epochs or config.pretrain_epochs,
+        config,
+        log,
+    )
 
 
 def encoder_of(image_model: keras.Model, modality: str) -> keras.Model:
@@ -190,14 +266,29 @@ def encoder_of(image_model: keras.Model, modality: str) -> keras.Model:
 
 def build_fusion_for(config: Config) -> keras.Model:
     return models.build_fusion_model(
-        config.image_modalities, config.image_size, config.uses_metadata, config.backbone,
-        config.backbone_weights, config.feature_dim, config.dropout, config.fusion_rf_weight,
-        config.fusion_learnable)
+        config.image_modalities,
+        config.image_size,
+        config.uses_metadata,
+        config.backbone,
+        config.backbone_weights,
+        config.feature_dim,
+        config.dropout,
+        config.fusion_rf_weight,
+        config.fusion_learnable,
+    )
 
 
-def train_stage1(x_train: dict, y_train: np.ndarray, x_val: dict | None, y_val: np.ndarray | None,
-                 config: Config, alpha, encoder_dirs: dict | None = None, epochs: int | None = None,
-                 log: Log = _print) -> StageResult:
+def train_stage1(
+    x_train: dict,
+    y_train: np.ndarray,
+    x_val: dict | None,
+    y_val: np.ndarray | None,
+    config: Config,
+    alpha,
+    encoder_dirs: dict | None = None,
+    epochs: int | None = None,
+    log: Log = _print,
+) -> StageResult:
     """Stage 1: the fusion model with pre-trained encoders loaded and the backbone frozen.
 
     Only the backbone is frozen by default (RC3: freezing the whole encoder left about 195
@@ -213,43 +304,89 @@ def train_stage1(x_train: dict, y_train: np.ndarray, x_val: dict | None, y_val: 
         models.freeze_encoders(model, modalities)
     else:
         models.set_backbone_trainable(model, modalities, False)
-    result = _fit("stage1", model, x_train, y_train, x_val, y_val, alpha, config.stage1_lr,
-                  epochs or config.stage1_epochs, config, log)
+    result = _fit(
+        "stage1",
+        model,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        alpha,
+        config.stage1_lr,
+        epochs or config.stage1_epochs,
+        config,
+        log,
+    )
     result.extra.update(fusion_summary(model))
     return result
 
 
-def train_stage2(stage1: StageResult, x_train: dict, y_train: np.ndarray, x_val: dict | None,
-                 y_val: np.ndarray | None, config: Config, alpha, epochs: int | None = None,
-                 log: Log = _print) -> StageResult:
+def train_stage2(
+    stage1: StageResult,
+    x_train: dict,
+    y_train: np.ndarray,
+    x_val: dict | None,
+    y_val: np.ndarray | None,
+    config: Config,
+    alpha,
+    epochs: int | None = None,
+    log: Log = _print,
+) -> StageResult:
     """Stage 2: unfreeze the top of each backbone (BatchNorm stays frozen), fine-tune at a low
     rate (RC4: 1e-5, not 1e-6), and keep Stage 1's weights when Stage 2 does not improve."""
     keras.utils.set_random_seed(config.seed + 1)
     model = stage1.model
     stage1_weights = model.get_weights()
-    models.unfreeze_top_of_backbones(model, config.image_modalities, config.stage2_unfreeze_fraction)
-    result = _fit("stage2", model, x_train, y_train, x_val, y_val, alpha, config.stage2_lr,
-                  epochs or config.stage2_epochs, config, log)
+    models.unfreeze_top_of_backbones(
+        model, config.image_modalities, config.stage2_unfreeze_fraction
+    )
+    result = _fit(
+        "stage2",
+        model,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        alpha,
+        config.stage2_lr,
+        epochs or config.stage2_epochs,
+        config,
+        log,
+    )
     has_val = y_val is not None and len(y_val) > 0
     improved = has_val and result.best_val_kappa > stage1.best_val_kappa
     if has_val and not improved:
         model.set_weights(stage1_weights)
     # The kappa of the weights actually returned, measured, not assumed (the study logged "kept
     # Stage 1" while using Stage 2's weights).
-    final_kappa = (quadratic_kappa(y_val, predict_all(model, x_val, 256).argmax(1))
-                   if has_val else float("nan"))
+    final_kappa = (
+        quadratic_kappa(y_val, predict_all(model, x_val, 256).argmax(1))
+        if has_val
+        else float("nan")
+    )
     kept = bool(has_val and not improved)
-    result.extra.update({
-        "improved_on_stage1": bool(improved), "kept_stage1_weights": kept,
-        "stage1_val_kappa": stage1.best_val_kappa, "final_val_kappa": final_kappa,
-        "weights_from": "stage1" if kept else "stage2",
-        **fusion_summary(model),
-    })
-    log("stage2: " + (f"improved on Stage 1 ({result.best_val_kappa:.4f} > "
-                      f"{stage1.best_val_kappa:.4f}); using Stage 2's weights" if improved else
-                      f"did not improve on Stage 1 ({result.best_val_kappa:.4f} <= "
-                      f"{stage1.best_val_kappa:.4f}); keeping Stage 1's weights"
-                      if has_val else "trained a fixed number of epochs (no validation rows)"))
+    result.extra.update(
+        {
+            "improved_on_stage1": bool(improved),
+            "kept_stage1_weights": kept,
+            "stage1_val_kappa": stage1.best_val_kappa,
+            "final_val_kappa": final_kappa,
+            "weights_from": "stage1" if kept else "stage2",
+            **fusion_summary(model),
+        }
+    )
+    log(
+        "stage2: "
+        + (
+            f"improved on Stage 1 ({result.best_val_kappa:.4f} > "
+            f"{stage1.best_val_kappa:.4f}); using Stage 2's weights"
+            if improved
+            else f"did not improve on Stage 1 ({result.best_val_kappa:.4f} <= "
+            f"{stage1.best_val_kappa:.4f}); keeping Stage 1's weights"
+            if has_val
+            else "trained a fixed number of epochs (no validation rows)"
+        )
+    )
     return result
 
 
@@ -258,5 +395,8 @@ def fusion_summary(model: keras.Model) -> dict:
         layer = model.get_layer(models.FUSION_LAYER)
     except ValueError:
         return {}
-    return {"fusion_rf_weight": layer.rf_weight(), "fusion_rf_weight_initial": layer.initial_rf_weight,
-            "fusion_learnable": layer.learnable}
+    return {
+        "fusion_rf_weight": layer.rf_weight(),
+        "fusion_rf_weight_initial": layer.initial_rf_weight,
+        "fusion_learnable": layer.learnable,
+    }
