@@ -47,33 +47,15 @@ ORDINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     EXUDATE_APPEARANCE: ("serous", "haemoserous", "bloody", "thick"),
     "Odor": ("noodor", "unpleasant"),
 }
+PAIN_GROUPS = (
+    "nopain", "chronicpain", "throbbingpain", "pressureandmovement", "phantomandunusualsensations",
+    "generalaches", "shootingpain", "sharpandintensepain", "localizedpain", "specifictimes",
+)
 # Nominal text columns, one-hot encoded against these fixed lists (unseen -> all zeros).
 NOMINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "Foot Aspect": ("plantar", "dorsal", "lateral", "medial"),
-    "Type of Pain Grouped": (
-        "nopain",
-        "chronicpain",
-        "throbbingpain",
-        "pressureandmovement",
-        "phantomandunusualsensations",
-        "generalaches",
-        "shootingpain",
-        "sharpandintensepain",
-        "localizedpain",
-        "specifictimes",
-    ),
-    "Type of Pain_Grouped2": (
-        "nopain",
-        "chronicpain",
-        "throbbingpain",
-        "pressureandmovement",
-        "phantomandunusualsensations",
-        "generalaches",
-        "shootingpain",
-        "sharpandintensepain",
-        "localizedpain",
-        "specifictimes",
-    ),
+    "Type of Pain Grouped": PAIN_GROUPS,
+    "Type of Pain_Grouped2": PAIN_GROUPS,
     "Dressing Grouped": (
         "antiseptic",
         "absorbentdressing",

@@ -199,36 +199,26 @@ def run_pretrain(
     return result
 
 
-def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
+def _fusion_data(dataset, config, plan, rf_proba) -> tuple:
+    """(x_train, y_train, x_val, y_val) of the fusion stages; the validation pair is None for the
+    final fit."""
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
-    return train_stage1(
-        model_inputs(dataset, config, rows, train, rf_proba),
-        _labels(rows, train),
-        model_inputs(dataset, config, rows, val, rf_proba) if val else None,
-        _labels(rows, val) if val else None,
-        config,
-        plan["alpha_fusion"],
-        encoder_dirs,
-        epochs,
-        log,
-    )
+    x_train = model_inputs(dataset, config, rows, train, rf_proba)
+    if not val:
+        return x_train, _labels(rows, train), None, None
+    x_val = model_inputs(dataset, config, rows, val, rf_proba)
+    return x_train, _labels(rows, train), x_val, _labels(rows, val)
+
+
+def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
+    data = _fusion_data(dataset, config, plan, rf_proba)
+    return train_stage1(*data, config, plan["alpha_fusion"], encoder_dirs, epochs, log)
 
 
 def run_stage2(dataset, config, plan, rf_proba, stage1, epochs=None, log=print):
-    rows = training_rows(dataset, config)
-    train, val = plan["train_rows_resampled"], plan["val_rows"]
-    return train_stage2(
-        stage1,
-        model_inputs(dataset, config, rows, train, rf_proba),
-        _labels(rows, train),
-        model_inputs(dataset, config, rows, val, rf_proba) if val else None,
-        _labels(rows, val) if val else None,
-        config,
-        plan["alpha_fusion"],
-        epochs,
-        log,
-    )
+    data = _fusion_data(dataset, config, plan, rf_proba)
+    return train_stage2(stage1, *data, config, plan["alpha_fusion"], epochs, log)
 
 
 def fold_predictions(dataset, config, plan, rf_proba, model=None) -> dict:
