@@ -48,7 +48,7 @@ def main() -> None:
     import keras
 
     from dfu_ml.config import load_config
-    from dfu_ml.data.prepare import prepare_dataset
+    from dfu_ml.data.prepare import prepare_for_config
     from dfu_ml.data.synthetic import generate_synthetic_dataset
     from dfu_ml.training.fold import fold_rf, plan_fold, run_pretrain, run_stage1, run_stage2
 
@@ -81,12 +81,7 @@ def main() -> None:
         )
     figures["synth_seconds"] = round(time.time() - start, 1)
     start = time.time()
-    dataset = prepare_dataset(
-        work / "data",
-        image_size=config.image_size,
-        modalities=config.image_modalities,
-        crop_margins=config.crop_margins,
-    )
+    dataset = prepare_for_config(work / "data", config)
     figures["prepare_seconds"] = round(time.time() - start, 1)
     plan = plan_fold(dataset, config, 0)
     rf_proba, _ = fold_rf(dataset, config, plan)

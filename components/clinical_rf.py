@@ -10,10 +10,8 @@ from components.common import (
     RF_FOREST_FILE,
     RF_PROBA_FILE,
     RF_TRANSFORMER_FILE,
-    add_config_argument,
     cli,
     read_json,
-    resolve_config,
     write_json,
 )
 from dfu_ml.config import Config
@@ -64,10 +62,10 @@ def clinical_rf_op(
     from pathlib import Path
 
     from components.clinical_rf import run_clinical_rf
-    from components.common import config_from_artifact
+    from components.common import resolve_config
 
     result = run_clinical_rf(
-        Path(prepared.path), Path(fold_plan.path), config_from_artifact(config.path), Path(rf.path)
+        Path(prepared.path), Path(fold_plan.path), resolve_config(config.path), Path(rf.path)
     )
     if "metrics" in result:
         rf.metadata["val_quadratic_kappa"] = result["metrics"]["per_row"]["quadratic_kappa"]
@@ -75,16 +73,14 @@ def clinical_rf_op(
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=str)
-        parser.add_argument("--fold-plan", required=True, type=str)
-        parser.add_argument("--out", required=True, type=str)
-        add_config_argument(parser)
+        parser.add_argument("--prepared", required=True)
+        parser.add_argument("--fold-plan", required=True)
 
     return cli(
         "components.clinical_rf",
         __doc__,
         add,
-        lambda a: run_clinical_rf(a.prepared, a.fold_plan, resolve_config(a.config), a.out),
+        lambda a: run_clinical_rf(a.prepared, a.fold_plan, a.config, a.out),
         argv,
     )
 

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dfu-kfp-keras"))
 
-from dfu_ml.config import Config, config_from_json, load_config  # noqa: E402
+from dfu_ml.config import Config, config_from_json, load_config, parse_override  # noqa: E402
 from dfu_ml.errors import DfuError  # noqa: E402
 
 PLAN_FILE = "fold_plan.json"
@@ -24,17 +24,15 @@ MODEL_FILE = "model.keras"
 FOLD_RESULT_FILE = "fold_result.json"
 
 
-def resolve_config(config: str) -> Config:
-    """A step's ``--config``: a profile name, a YAML file or a JSON string from the pipeline."""
+def resolve_config(config: str, overrides=()) -> Config:
+    """A step's configuration: a profile name, a YAML or JSON file (such as the pipeline's
+    ``config`` artifact) or a JSON string, then ``key=value`` overrides."""
     text = config.strip()
     if text.startswith("{"):
-        return config_from_json(text)
-    return load_config(text)
-
-
-def config_from_artifact(path: str) -> Config:
-    """The run's configuration from the ``config`` artifact written by the resolve step."""
-    return config_from_json(Path(path).read_text())
+        values = config_from_json(text).to_dict()
+        values.update(parse_override(o) for o in overrides)
+        return load_config(None, values)
+    return load_config(text, list(overrides))
 
 
 def final_fit_epochs(final_fit, stage: str) -> int:
@@ -120,8 +118,18 @@ def cli(
 
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     add_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    parser.add_argument(
+        "--config",
+        default="smoke",
+        help="profile name (smoke, paper, ...), YAML or JSON file, or config JSON (default: smoke)",
+    )
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys"
+    )
     args = parser.parse_args(argv)
     try:
+        args.config = resolve_config(args.config, args.set)
         with tempfile.TemporaryDirectory(prefix="dfu-step-") as scratch:
             uploads = _stage_s3_arguments(args, Path(scratch))
             run(args)
@@ -133,9 +141,7 @@ def cli(
     return 0
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_epochs_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config",
-        default="smoke",
-        help="profile name (smoke, paper), YAML file or config JSON (default: smoke)",
+        "--epochs", type=int, default=0, help="a fixed epoch count (the final fit's); 0 = config"
     )

@@ -1,17 +1,15 @@
 """Step ``evaluate``: all folds -> metrics, confusion matrices, plots, health verdict, blessing."""
 
 from pathlib import Path
-from typing import List, NamedTuple
+from typing import List
 
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Output
 
 from components.common import (
     FOLD_RESULT_FILE,
     SUMMARY_FILE,
-    add_config_argument,
     cli,
     read_json,
-    resolve_config,
     write_json,
 )
 from dfu_ml.config import Config
@@ -40,13 +38,10 @@ def evaluate_op(
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
-) -> NamedTuple(
-    "Evaluation",
-    [("blessed", bool), ("pretrain_epochs", int), ("stage1_epochs", int), ("stage2_epochs", int)],
-):
+) -> bool:
     """Compute metrics per fold and across folds (per image-set row and per visit), the
-    training-health verdict and the blessing that gates publishing, and the epochs the final
-    fit trains for.
+    training-health verdict and the blessing that gates publishing (the returned value), and
+    the epochs the final fit trains for (in summary.json).
 
     Args:
         fold_results: one fold result per cross-validation fold.
@@ -57,15 +52,14 @@ def evaluate_op(
         report: the HTML report.
     """
     import shutil
-    from collections import namedtuple
     from pathlib import Path
 
-    from components.common import config_from_artifact, log_metrics
+    from components.common import log_metrics, resolve_config
     from components.evaluate import run_evaluate
     from dfu_ml.data.schema import CLASS_NAMES
 
     result = run_evaluate(
-        [Path(f.path) for f in fold_results], config_from_artifact(config.path), Path(summary.path)
+        [Path(f.path) for f in fold_results], resolve_config(config.path), Path(summary.path)
     )
     log_metrics(
         metrics,
@@ -78,11 +72,7 @@ def evaluate_op(
     log_metrics(metrics, {"health_passed": int(result["health"]["passed"])})
     confusion.log_confusion_matrix(list(CLASS_NAMES), result["confusion_matrix_total"])
     shutil.copyfile(result["files"]["report"], report.path)
-    epochs = result["final_fit_epochs"]
-    output = namedtuple(
-        "Evaluation", ["blessed", "pretrain_epochs", "stage1_epochs", "stage2_epochs"]
-    )
-    return output(result["blessed"], epochs["pretrain"], epochs["stage1"], epochs["stage2"])
+    return result["blessed"]
 
 
 def main(argv=None) -> int:
@@ -90,18 +80,15 @@ def main(argv=None) -> int:
         parser.add_argument(
             "--fold-result",
             action="append",
-            type=str,
             required=True,
             help="a folder holding fold_result.json; repeat for each fold",
         )
-        parser.add_argument("--out", required=True, type=str)
-        add_config_argument(parser)
 
     return cli(
         "components.evaluate",
         __doc__,
         add,
-        lambda a: run_evaluate(a.fold_result, resolve_config(a.config), a.out),
+        lambda a: run_evaluate(a.fold_result, a.config, a.out),
         argv,
     )
 

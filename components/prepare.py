@@ -5,25 +5,19 @@ from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Markdown, Output
 
-from components.common import add_config_argument, cli, resolve_config
+from components.common import cli
 from dfu_ml.config import Config
 
 
 def run_prepare(data: str, config: Config, out: Path, report_path: Path | None = None) -> dict:
     """Download the dataset if it is in object storage, prepare it into ``out`` and return the
     data report."""
-    from dfu_ml.data.prepare import prepare_dataset, report_markdown, save_prepared
+    from dfu_ml.data.prepare import prepare_for_config, report_markdown, save_prepared
     from dfu_ml.storage import download_tree, is_s3_uri
 
     with tempfile.TemporaryDirectory(prefix="dfu-data-") as scratch:
         folder = download_tree(data, Path(scratch) / "data") if is_s3_uri(data) else Path(data)
-        dataset = prepare_dataset(
-            folder,
-            image_size=config.image_size,
-            modalities=config.image_modalities,
-            crop_margins=config.crop_margins,
-            on_missing_image=config.on_missing_image,
-        )
+        dataset = prepare_for_config(folder, config)
     dataset.meta["source"] = data
     save_prepared(dataset, out)
     report = dataset.meta["report"]
@@ -47,27 +41,19 @@ def prepare_op(
     """
     from pathlib import Path
 
-    from components.common import config_from_artifact
+    from components.common import resolve_config
     from components.prepare import run_prepare
 
-    summary = run_prepare(
-        data, config_from_artifact(config.path), Path(prepared.path), Path(report.path)
-    )
+    summary = run_prepare(data, resolve_config(config.path), Path(prepared.path), Path(report.path))
     prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 
 def main(argv=None) -> int:
     def add(parser):
         parser.add_argument("--data", required=True, help="dataset folder or s3://bucket/prefix")
-        parser.add_argument("--out", required=True, type=str, help="output folder")
-        add_config_argument(parser)
 
     return cli(
-        "components.prepare",
-        __doc__,
-        add,
-        lambda a: run_prepare(a.data, resolve_config(a.config), a.out),
-        argv,
+        "components.prepare", __doc__, add, lambda a: run_prepare(a.data, a.config, a.out), argv
     )
 
 

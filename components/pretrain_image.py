@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.common import PLAN_FILE, add_config_argument, cli, read_json, resolve_config
+from components.common import PLAN_FILE, add_epochs_argument, cli, read_json
 from dfu_ml.config import Config
 
 
@@ -55,14 +55,14 @@ def pretrain_image_op(
     """
     from pathlib import Path
 
-    from components.common import config_from_artifact, final_fit_epochs, log_metrics
+    from components.common import final_fit_epochs, log_metrics, resolve_config
     from components.pretrain_image import run_pretrain_image
 
     summary = run_pretrain_image(
         Path(prepared.path),
         Path(fold_plan.path),
         modality,
-        config_from_artifact(config.path),
+        resolve_config(config.path),
         Path(encoder.path),
         final_fit_epochs(final_fit, "pretrain"),
     )
@@ -78,19 +78,17 @@ def pretrain_image_op(
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=str)
-        parser.add_argument("--fold-plan", required=True, type=str)
+        parser.add_argument("--prepared", required=True)
+        parser.add_argument("--fold-plan", required=True)
         parser.add_argument("--modality", required=True)
-        parser.add_argument("--out", required=True, type=str)
-        parser.add_argument("--epochs", type=int, default=0)
-        add_config_argument(parser)
+        add_epochs_argument(parser)
 
     return cli(
         "components.pretrain_image",
         __doc__,
         add,
         lambda a: run_pretrain_image(
-            a.prepared, a.fold_plan, a.modality, resolve_config(a.config), a.out, a.epochs
+            a.prepared, a.fold_plan, a.modality, a.config, a.out, a.epochs
         ),
         argv,
     )

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components.common import add_config_argument, cli, resolve_config
+from components.common import cli
 from dfu_ml.config import Config
 
 
@@ -68,13 +68,13 @@ def publish_op(
     """
     from pathlib import Path
 
-    from components.common import config_from_artifact
+    from components.common import resolve_config
     from components.publish import run_publish
 
     manifest = run_publish(
         Path(rf.path),
         Path(summary.path),
-        config_from_artifact(config.path),
+        resolve_config(config.path),
         Path(final_model.path),
         None if model is None else Path(model.path),
         models_uri,
@@ -87,21 +87,17 @@ def publish_op(
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--rf", required=True, type=str, help="final fit's clinical_rf output")
-        parser.add_argument("--summary", required=True, type=str, help="evaluate's output folder")
-        parser.add_argument("--model", type=str, help="final fit's stage2 output (image runs)")
+        parser.add_argument("--rf", required=True, help="final fit's clinical_rf output")
+        parser.add_argument("--summary", required=True, help="evaluate's output folder")
+        parser.add_argument("--model", help="final fit's stage2 output (image runs)")
         parser.add_argument("--models-uri", default="", help="s3://bucket/prefix or a folder")
         parser.add_argument("--data", default="", help="dataset location, for the manifest")
-        parser.add_argument("--out", required=True, type=str)
-        add_config_argument(parser)
 
     return cli(
         "components.publish",
         __doc__,
         add,
-        lambda a: run_publish(
-            a.rf, a.summary, resolve_config(a.config), a.out, a.model, a.models_uri, a.data
-        ),
+        lambda a: run_publish(a.rf, a.summary, a.config, a.out, a.model, a.models_uri, a.data),
         argv,
     )
 

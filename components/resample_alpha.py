@@ -4,7 +4,7 @@ from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Output
 
-from components.common import PLAN_FILE, add_config_argument, cli, resolve_config, write_json
+from components.common import PLAN_FILE, cli, write_json
 from dfu_ml.config import Config
 
 
@@ -39,27 +39,25 @@ def resample_alpha_op(
     """
     from pathlib import Path
 
-    from components.common import config_from_artifact
+    from components.common import resolve_config
     from components.resample_alpha import run_resample_alpha
 
     plan = run_resample_alpha(
-        Path(prepared.path), fold, config_from_artifact(config.path), Path(fold_plan.path)
+        Path(prepared.path), fold, resolve_config(config.path), Path(fold_plan.path)
     )
     fold_plan.metadata.update({"fold": fold, "alpha_fusion": plan["alpha_fusion"]})
 
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=str)
+        parser.add_argument("--prepared", required=True)
         parser.add_argument("--fold", required=True, type=int, help="fold number, -1 = final fit")
-        parser.add_argument("--out", required=True, type=str)
-        add_config_argument(parser)
 
     return cli(
         "components.resample_alpha",
         __doc__,
         add,
-        lambda a: run_resample_alpha(a.prepared, a.fold, resolve_config(a.config), a.out),
+        lambda a: run_resample_alpha(a.prepared, a.fold, a.config, a.out),
         argv,
     )
 

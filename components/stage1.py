@@ -10,10 +10,9 @@ from components.common import (
     PLAN_FILE,
     RF_PROBA_FILE,
     SUMMARY_FILE,
-    add_config_argument,
+    add_epochs_argument,
     cli,
     read_json,
-    resolve_config,
     write_json,
 )
 from dfu_ml.config import Config
@@ -86,7 +85,7 @@ def stage1_op(
     """
     from pathlib import Path
 
-    from components.common import config_from_artifact, final_fit_epochs
+    from components.common import final_fit_epochs, resolve_config
     from components.stage1 import run_stage1
 
     summary = run_stage1(
@@ -94,7 +93,7 @@ def stage1_op(
         Path(fold_plan.path),
         Path(rf.path),
         [Path(e.path) for e in encoders],
-        config_from_artifact(config.path),
+        resolve_config(config.path),
         Path(model.path),
         final_fit_epochs(final_fit, "stage1"),
     )
@@ -108,27 +107,22 @@ def stage1_op(
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=str)
-        parser.add_argument("--fold-plan", required=True, type=str)
-        parser.add_argument("--rf", required=True, type=str)
+        parser.add_argument("--prepared", required=True)
+        parser.add_argument("--fold-plan", required=True)
+        parser.add_argument("--rf", required=True)
         parser.add_argument(
             "--encoder",
             action="append",
-            type=str,
             default=[],
             help="an encoder artifact folder; repeat for each modality",
         )
-        parser.add_argument("--out", required=True, type=str)
-        parser.add_argument("--epochs", type=int, default=0)
-        add_config_argument(parser)
+        add_epochs_argument(parser)
 
     return cli(
         "components.stage1",
         __doc__,
         add,
-        lambda a: run_stage1(
-            a.prepared, a.fold_plan, a.rf, a.encoder, resolve_config(a.config), a.out, a.epochs
-        ),
+        lambda a: run_stage1(a.prepared, a.fold_plan, a.rf, a.encoder, a.config, a.out, a.epochs),
         argv,
     )
 

@@ -10,10 +10,9 @@ from components.common import (
     PLAN_FILE,
     RF_PROBA_FILE,
     SUMMARY_FILE,
-    add_config_argument,
+    add_epochs_argument,
     cli,
     read_json,
-    resolve_config,
     write_json,
 )
 from dfu_ml.config import Config
@@ -43,20 +42,7 @@ def run_stage2(
     previous = read_json(Path(stage1) / SUMMARY_FILE)
     stage1_model = keras.saving.load_model(Path(stage1) / MODEL_FILE, compile=False)
     s1 = previous["stage1"]
-    stage1_result = StageResult(
-        "stage1",
-        stage1_model,
-        s1["history"],
-        s1["best_epoch"],
-        s1["best_val_kappa"],
-        s1["trainable_params"],
-        s1["batch_size"],
-        s1["steps_per_epoch"],
-        s1["train_rows"],
-        s1["val_rows_scored"],
-        s1["epochs_run"],
-        s1["seconds"],
-    )
+    stage1_result = StageResult.from_summary(s1, stage1_model)
     result = train(dataset, config, plan, rf_proba, stage1_result, epochs=epochs or None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +54,7 @@ def run_stage2(
         "stage2": result.summary(),
     }
     if plan["val_rows"]:
-        fold_result.update(fold_predictions(dataset, config, plan, rf_proba, result.model))
+        fold_result.update(fold_predictions(dataset, config, plan, rf_proba, result.val_proba))
     write_json(out / FOLD_RESULT_FILE, fold_result)
     return fold_result
 
@@ -100,7 +86,7 @@ def stage2_op(
     """
     from pathlib import Path
 
-    from components.common import config_from_artifact, final_fit_epochs, log_metrics
+    from components.common import final_fit_epochs, log_metrics, resolve_config
     from components.stage2 import run_stage2
 
     result = run_stage2(
@@ -108,7 +94,7 @@ def stage2_op(
         Path(fold_plan.path),
         Path(rf.path),
         Path(stage1_model.path),
-        config_from_artifact(config.path),
+        resolve_config(config.path),
         Path(model.path),
         final_fit_epochs(final_fit, "stage2"),
     )
@@ -135,21 +121,17 @@ def stage2_op(
 
 def main(argv=None) -> int:
     def add(parser):
-        parser.add_argument("--prepared", required=True, type=str)
-        parser.add_argument("--fold-plan", required=True, type=str)
-        parser.add_argument("--rf", required=True, type=str)
-        parser.add_argument("--stage1", required=True, type=str, help="the Stage 1 model folder")
-        parser.add_argument("--out", required=True, type=str)
-        parser.add_argument("--epochs", type=int, default=0)
-        add_config_argument(parser)
+        parser.add_argument("--prepared", required=True)
+        parser.add_argument("--fold-plan", required=True)
+        parser.add_argument("--rf", required=True)
+        parser.add_argument("--stage1", required=True, help="the Stage 1 model folder")
+        add_epochs_argument(parser)
 
     return cli(
         "components.stage2",
         __doc__,
         add,
-        lambda a: run_stage2(
-            a.prepared, a.fold_plan, a.rf, a.stage1, resolve_config(a.config), a.out, a.epochs
-        ),
+        lambda a: run_stage2(a.prepared, a.fold_plan, a.rf, a.stage1, a.config, a.out, a.epochs),
         argv,
     )
 

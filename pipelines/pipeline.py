@@ -30,26 +30,6 @@ from dfu_ml.config import Config
 
 IMAGES_FILE = Path(__file__).resolve().parent.parent / "docker" / "images.json"
 PIPELINE_NAME = "dfu-kfp"
-# Pipeline parameters a user changes per run; everything else comes from the compiled config.
-RUN_PARAMETERS = (
-    "image_modalities",
-    "use_metadata",
-    "cv_folds",
-    "folds",
-    "data_percentage",
-    "image_size",
-    "backbone",
-    "pretrain_epochs",
-    "stage1_epochs",
-    "stage2_epochs",
-    "pretrain_lr",
-    "stage1_lr",
-    "stage2_lr",
-    "alpha_max_ratio",
-    "seed",
-    "profile",
-    "models_uri",
-)
 S3_ENV = {"accesskey": "DFU_S3_ACCESS_KEY", "secretkey": "DFU_S3_SECRET_KEY"}
 
 

@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
     pre = run_pretrain(dataset, config, plan, "depth_rgb", work / "encoder", log=quiet)
     s1 = run_stage1(dataset, config, plan, rf_proba, {"depth_rgb": work / "encoder"}, log=quiet)
     s2 = run_stage2(dataset, config, plan, rf_proba, s1, log=quiet)
-    predictions = fold_predictions(dataset, config, plan, rf_proba, s2.model)
+    predictions = fold_predictions(dataset, config, plan, rf_proba, s2.val_proba)
     s2.model.save(work / "fusion.keras")
     reloaded = keras.saving.load_model(work / "fusion.keras", compile=False)
     out = {

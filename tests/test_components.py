@@ -253,3 +253,49 @@ def test_a_bad_step_input_is_one_clear_error_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "prepared dataset not found" in result.stderr and "nowhere" in result.stderr
+
+
+def test_a_step_takes_config_overrides(tiny):
+    root, config = tiny
+    if not (root / "prepared" / "dataset.npz").is_file():
+        assert (
+            _run("prepare", "--data", root / "data", "--out", root / "prepared", "--config", config)
+            == 0
+        )
+    for strategy in ("none", "combined"):
+        assert (
+            _run(
+                "resample_alpha",
+                "--prepared",
+                root / "prepared",
+                "--fold",
+                0,
+                "--out",
+                root / f"plan_{strategy}",
+                "--config",
+                config,
+                "--set",
+                f"resampling={strategy}",
+            )
+            == 0
+        )
+    plain = json.loads((root / "plan_none" / "fold_plan.json").read_text())
+    combined = json.loads((root / "plan_combined" / "fold_plan.json").read_text())
+    assert plain["train_rows_resampled"] == plain["train_rows"]
+    assert len(set(combined["class_counts_resampled"])) == 1  # combined equalises the classes
+    assert (
+        _run(
+            "resample_alpha",
+            "--prepared",
+            root / "prepared",
+            "--fold",
+            0,
+            "--out",
+            root / "plan_bad",
+            "--config",
+            config,
+            "--set",
+            "resampling=sometimes",
+        )
+        == 2
+    )

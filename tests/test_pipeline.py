@@ -181,20 +181,16 @@ def test_local_pipeline_end_to_end_through_s3_then_predict_on_held_back_patients
     clinical = pd.read_csv(new / CLINICAL_CSV, encoding="utf-8-sig")
     visits = len(clinical.drop_duplicates(["Patient#", "Appt#", "DFU#"]))
     out_csv = tmp_path / "pred.csv"
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                written["final_model"],
-                "--data",
-                str(new),
-                "--out",
-                str(out_csv),
-            ]
-        )
-        == 0
-    )
+    predict = [
+        "predict",
+        "--model",
+        written["final_model"],
+        "--data",
+        str(new),
+        "--out",
+        str(out_csv),
+    ]
+    assert main(predict) == 0
     predictions = pd.read_csv(out_csv)
     assert len(predictions) == visits
     proba = predictions[[f"p_{c}" for c in CLASS_NAMES]].to_numpy()
@@ -204,20 +200,7 @@ def test_local_pipeline_end_to_end_through_s3_then_predict_on_held_back_patients
     clinical.drop(columns=[LABEL_COLUMN]).to_csv(
         new / CLINICAL_CSV, index=False, encoding="utf-8-sig"
     )
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                written["final_model"],
-                "--data",
-                str(new),
-                "--out",
-                str(out_csv),
-            ]
-        )
-        == 0
-    )
+    assert main(predict) == 0
     unlabelled = pd.read_csv(out_csv)
     assert "true_phase" not in unlabelled and len(unlabelled) == visits
     assert np.allclose(unlabelled[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(), proba, atol=1e-5)

@@ -172,6 +172,19 @@ def prepare_dataset(
     return dataset
 
 
+def prepare_for_config(folder: Path, config, require_labels: bool = True) -> PreparedDataset:
+    """:func:`prepare_dataset` with a run's settings (``config`` is a :class:`dfu_ml.config.Config`):
+    how training and prediction prepare data alike."""
+    return prepare_dataset(
+        folder,
+        image_size=config.image_size,
+        modalities=config.image_modalities,
+        crop_margins=config.crop_margins,
+        on_missing_image=config.on_missing_image,
+        require_labels=require_labels,
+    )
+
+
 def _crop_all(
     folder: Path,
     sets: pd.DataFrame,
@@ -298,16 +311,10 @@ def load_prepared(path: Path) -> PreparedDataset:
                 f"{path}: prepared-dataset format {meta.get('format_version')} is not "
                 f"{FORMAT_VERSION}; prepare the dataset again with this version"
             )
-        # Columns read_clinical keeps as text stay text (an ID such as "0123" keeps its zero).
-        text = {
-            "ID",
-            schema.LABEL_COLUMN,
-            *schema.LEAKY_COLUMNS,
-            *schema.FREE_TEXT_COLUMNS,
-            *schema.ORDINAL_TEXT_COLUMNS,
-            *schema.NOMINAL_TEXT_COLUMNS,
-        }
-        visits = pd.read_csv(io.StringIO(str(data["visits_csv"])), dtype={c: str for c in text})
+        # The columns read_clinical keeps as text stay text.
+        visits = pd.read_csv(
+            io.StringIO(str(data["visits_csv"])), dtype={c: str for c in schema.TEXT_COLUMNS}
+        )
         sets = pd.read_csv(
             io.StringIO(str(data["sets_csv"])), dtype={"depth_file": str, "thermal_file": str}
         )

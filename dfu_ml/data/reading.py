@@ -135,15 +135,8 @@ def read_clinical(path: Path, require_labels: bool = True) -> pd.DataFrame:
         raise DataError(f"{path}: the clinical CSV has a header but no rows")
     for column in schema.VISIT_KEY:
         frame[column] = _to_int_column(frame, column, path)
-    text_columns = (
-        set(schema.ORDINAL_TEXT_COLUMNS)
-        | set(schema.NOMINAL_TEXT_COLUMNS)
-        | set(schema.FREE_TEXT_COLUMNS)
-        | set(schema.LEAKY_COLUMNS)
-        | {schema.LABEL_COLUMN, "ID"}
-    )
     for column in frame.columns:
-        if column in text_columns or column in schema.VISIT_KEY:
+        if column in schema.TEXT_COLUMNS or column in schema.VISIT_KEY:
             continue
         numeric = pd.to_numeric(frame[column].str.strip(), errors="coerce")
         not_numeric = numeric.isna() & frame[column].notna()

@@ -48,8 +48,16 @@ ORDINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "Odor": ("noodor", "unpleasant"),
 }
 PAIN_GROUPS = (
-    "nopain", "chronicpain", "throbbingpain", "pressureandmovement", "phantomandunusualsensations",
-    "generalaches", "shootingpain", "sharpandintensepain", "localizedpain", "specifictimes",
+    "nopain",
+    "chronicpain",
+    "throbbingpain",
+    "pressureandmovement",
+    "phantomandunusualsensations",
+    "generalaches",
+    "shootingpain",
+    "sharpandintensepain",
+    "localizedpain",
+    "specifictimes",
 )
 # Nominal text columns, one-hot encoded against these fixed lists (unseen -> all zeros).
 NOMINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -66,6 +74,18 @@ NOMINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
         "other",
     ),
 }
+
+# Columns read as text, never parsed as numbers (an ID such as "0123" keeps its zero).
+TEXT_COLUMNS = frozenset(
+    {
+        "ID",
+        LABEL_COLUMN,
+        *LEAKY_COLUMNS,
+        *FREE_TEXT_COLUMNS,
+        *ORDINAL_TEXT_COLUMNS,
+        *NOMINAL_TEXT_COLUMNS,
+    }
+)
 
 # All 72 columns of the clinical CSV, in file order.
 CLINICAL_COLUMNS = (

@@ -196,51 +196,29 @@ def _synth_clinical_rows(rng, patients: int, clinical_signal: float) -> list[dic
                 ["Hallux", "toes", "middle", "Heel", "ankle"], p=[0.35, 0.4, 0.12, 0.1, 0.03]
             )
             onset0 = float(rng.integers(10, 1500))
+            # What stays the same at every visit of this ulcer, as CSV columns.
+            known = {
+                "ID": patient_id,
+                "Patient#": patient,
+                "Age": age,
+                schema.SEX: sex,
+                "Weight (Kg)": round(weight, 1),
+                "Height (cm)": round(height, 2),
+                "Type of Diabetes": diabetes,
+                "Number of DFUs": n_dfus,
+                "DFU#": dfu,
+                schema.SIDE: side,
+                "Foot Aspect": aspect,
+                "Location": f"{location} area",
+                schema.LOCATION_GROUPED: location,
+            }
             for appt in range(n_appts):
                 label = int(rng.choice(3, p=CLASS_MIX))
-                rows.append(
-                    _synth_visit(
-                        rng,
-                        patient,
-                        patient_id,
-                        appt,
-                        dfu,
-                        n_dfus,
-                        label,
-                        clinical_signal,
-                        age,
-                        weight,
-                        height,
-                        sex,
-                        diabetes,
-                        side,
-                        aspect,
-                        location,
-                        onset0,
-                    )
-                )
+                rows.append(_synth_visit(rng, known, appt, label, clinical_signal, onset0))
     return rows
 
 
-def _synth_visit(
-    rng,
-    patient,
-    patient_id,
-    appt,
-    dfu,
-    n_dfus,
-    label,
-    signal,
-    age,
-    weight,
-    height,
-    sex,
-    diabetes,
-    side,
-    aspect,
-    location,
-    onset0,
-) -> dict:
+def _synth_visit(rng, known: dict, appt: int, label: int, signal: float, onset0: float) -> dict:
     # The class signal: inflamed wounds are hotter, wetter and score worse; remodelling ones
     # are older. ``signal`` scales every class-dependent shift (0 = no signal).
     phase = label - 1.0  # -1 I, 0 P, +1 R
@@ -250,28 +228,16 @@ def _synth_visit(
     exudate = int(np.clip(round(1.0 - 0.8 * phase * signal + rng.normal(0, 0.6)), 0, 3))
     wound_score = int(np.clip(round(2.0 - 1.0 * phase * signal + rng.normal(0, 0.8)), 0, 4))
     row = {c: "" for c in schema.CLINICAL_COLUMNS}
+    row.update(known)
     row.update(
         {
-            "ID": patient_id,
-            "Patient#": patient,
-            "Age": age,
-            schema.SEX: sex,
-            "Weight (Kg)": round(weight, 1),
-            "Height (cm)": round(height, 2),
             "Smoking": int(rng.integers(0, 3)),
             "Alcohol Consumption": int(rng.integers(0, 3)),
             "Habits Score": int(rng.integers(0, 5)),
-            "Type of Diabetes": diabetes,
             "Heart Conditions": int(rng.random() < 0.3),
             "Cancer History": int(rng.random() < 0.1),
             "Sensory Peripheral": int(rng.random() < 0.6),
             "Clinical Score": int(rng.integers(1, 5)),
-            "Number of DFUs": n_dfus,
-            "DFU#": dfu,
-            schema.SIDE: side,
-            "Foot Aspect": aspect,
-            "Location": f"{location} area",
-            schema.LOCATION_GROUPED: location,
             schema.ONSET_DAYS: round(onset0 + 14 * appt + 60 * phase * signal + rng.normal(0, 20)),
             "Appt#": appt,
             "Appt Days": 14 * appt,

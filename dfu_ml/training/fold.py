@@ -29,7 +29,6 @@ from dfu_ml.training.resampling import (
 )
 from dfu_ml.training.stages import (
     encoder_of,
-    predict_all,
     pretrain_image_encoder,
     train_stage1,
     train_stage2,
@@ -38,10 +37,15 @@ from dfu_ml.training.stages import (
 FINAL_FIT = -1
 
 
-def training_rows(dataset: PreparedDataset, config: Config) -> pd.DataFrame:
-    """The rows a run trains and validates on: ``visit_index``, ``set_index``, ``patient``, ``label``."""
+def training_rows(
+    dataset: PreparedDataset, config: Config, labelled_only: bool = True
+) -> pd.DataFrame:
+    """The rows a run trains and validates on: ``visit_index``, ``set_index``, ``patient``,
+    ``label`` (-1 where unknown). ``labelled_only=False`` keeps unlabelled visits (prediction)."""
     visits = dataset.visits
     labelled = visits["label"].to_numpy() >= 0
+    if not labelled_only:
+        labelled = np.ones(len(visits), dtype=bool)
     if config.image_modalities:
         missing = [m for m in config.image_modalities if m not in dataset.images]
         if missing:
@@ -63,7 +67,7 @@ def training_rows(dataset: PreparedDataset, config: Config) -> pd.DataFrame:
     rows["label"] = visits["label"].to_numpy()[rows["visit_index"]]
     if rows.empty:
         raise DataError(
-            "no labelled rows remain for modalities "
+            f"no {'labelled ' if labelled_only else ''}rows remain for modalities "
             f"{config.modalities}; check the data report (images missing?)"
         )
     return rows.reset_index(drop=True)
@@ -164,20 +168,29 @@ def _labels(rows: pd.DataFrame, idx) -> np.ndarray:
     return rows["label"].to_numpy()[np.asarray(idx, dtype=int)]
 
 
+def _stage_data(dataset, config, plan, rf_proba, modalities=None) -> tuple:
+    """(x_train, y_train, x_val, y_val) for a stage: resampled training rows and validation rows;
+    the validation pair is None for the final fit."""
+    rows = training_rows(dataset, config)
+    train, val = plan["train_rows_resampled"], plan["val_rows"]
+    x_train = model_inputs(dataset, config, rows, train, rf_proba, modalities)
+    if not val:
+        return x_train, _labels(rows, train), None, None
+    x_val = model_inputs(dataset, config, rows, val, rf_proba, modalities)
+    return x_train, _labels(rows, train), x_val, _labels(rows, val)
+
+
 def run_pretrain(
     dataset, config, plan, modality, out_dir: Path | None = None, epochs=None, log=print
 ):
-    rows = training_rows(dataset, config)
-    train, val = plan["train_rows_resampled"], plan["val_rows"]
-    x = model_inputs(dataset, config, rows, train, None, [modality])
-    xv = model_inputs(dataset, config, rows, val, None, [modality]) if val else None
+    x_train, y_train, x_val, y_val = _stage_data(dataset, config, plan, None, [modality])
     name = models.image_input_name(modality)
     result = pretrain_image_encoder(
         modality,
-        x[name],
-        _labels(rows, train),
-        None if xv is None else xv[name],
-        _labels(rows, val) if val else None,
+        x_train[name],
+        y_train,
+        None if x_val is None else x_val[name],
+        y_val,
         config,
         plan["alpha_pretrain"],
         epochs,
@@ -199,37 +212,24 @@ def run_pretrain(
     return result
 
 
-def _fusion_data(dataset, config, plan, rf_proba) -> tuple:
-    """(x_train, y_train, x_val, y_val) of the fusion stages; the validation pair is None for the
-    final fit."""
-    rows = training_rows(dataset, config)
-    train, val = plan["train_rows_resampled"], plan["val_rows"]
-    x_train = model_inputs(dataset, config, rows, train, rf_proba)
-    if not val:
-        return x_train, _labels(rows, train), None, None
-    x_val = model_inputs(dataset, config, rows, val, rf_proba)
-    return x_train, _labels(rows, train), x_val, _labels(rows, val)
-
-
 def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
-    data = _fusion_data(dataset, config, plan, rf_proba)
+    data = _stage_data(dataset, config, plan, rf_proba)
     return train_stage1(*data, config, plan["alpha_fusion"], encoder_dirs, epochs, log)
 
 
 def run_stage2(dataset, config, plan, rf_proba, stage1, epochs=None, log=print):
-    data = _fusion_data(dataset, config, plan, rf_proba)
+    data = _stage_data(dataset, config, plan, rf_proba)
     return train_stage2(stage1, *data, config, plan["alpha_fusion"], epochs, log)
 
 
-def fold_predictions(dataset, config, plan, rf_proba, model=None) -> dict:
-    """Validation predictions of the fold's final model (the RF alone for metadata-only runs),
-    with metrics per image-set row and per visit."""
+def fold_predictions(dataset, config, plan, rf_proba, proba=None) -> dict:
+    """The fold's validation predictions with metrics per image-set row and per visit: ``proba``
+    (the final model's, in validation-row order, e.g. ``StageResult.val_proba``) or, for
+    metadata-only runs, the random forest's."""
     rows = training_rows(dataset, config)
     val = np.asarray(plan["val_rows"], dtype=int)
-    if model is None:
+    if proba is None:
         proba = rf_proba[rows["visit_index"].to_numpy()[val]]
-    else:
-        proba = predict_all(model, model_inputs(dataset, config, rows, val, rf_proba), 256)
     visit_index = rows["visit_index"].to_numpy()[val]
     labels = _labels(rows, val)
     return {
@@ -264,5 +264,5 @@ def run_fold(dataset: PreparedDataset, config: Config, fold: int, workdir: Path,
     out["stage1"] = stage1.summary()
     stage2 = run_stage2(dataset, config, plan, rf_proba, stage1, log=log)
     out["stage2"] = stage2.summary()
-    out.update(fold_predictions(dataset, config, plan, rf_proba, stage2.model))
+    out.update(fold_predictions(dataset, config, plan, rf_proba, stage2.val_proba))
     return out

@@ -44,8 +44,11 @@ def classification_metrics(y_true, proba) -> dict:
     }
 
 
-def per_visit(visit_index, y_true, proba) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Average the probabilities of a visit's image sets: one prediction per visit."""
+def per_visit(visit_index, y_true, proba) -> tuple[np.ndarray, ...]:
+    """Average the probabilities of a visit's image sets: one prediction per visit.
+
+    Returns the visit indices, their labels, their mean probabilities and their image-set counts.
+    """
     visit_index = np.asarray(visit_index)
     visits, inverse = np.unique(visit_index, return_inverse=True)
     summed = np.zeros((len(visits), NUM_CLASSES))
@@ -53,12 +56,12 @@ def per_visit(visit_index, y_true, proba) -> tuple[np.ndarray, np.ndarray, np.nd
     counts = np.bincount(inverse, minlength=len(visits))[:, None]
     labels = np.zeros(len(visits), int)
     labels[inverse] = np.asarray(y_true)
-    return visits, labels, summed / counts
+    return visits, labels, summed / counts, counts[:, 0]
 
 
 def evaluate_predictions(visit_index, y_true, proba) -> dict:
     """Metrics per image-set row and per visit."""
-    _, visit_labels, visit_proba = per_visit(visit_index, y_true, proba)
+    _, visit_labels, visit_proba, _ = per_visit(visit_index, y_true, proba)
     return {
         "per_row": classification_metrics(y_true, proba),
         "per_visit": classification_metrics(visit_labels, visit_proba),

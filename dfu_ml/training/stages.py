@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,16 @@ class StageResult:
     epochs_run: int
     seconds: float
     extra: dict = field(default_factory=dict)
+    # Probabilities of the returned weights for the validation rows, in order (None without them).
+    val_proba: np.ndarray | None = None
+
+    @classmethod
+    def from_summary(cls, summary: dict, model: keras.Model) -> "StageResult":
+        """The inverse of :meth:`summary`, given the model saved beside it."""
+        names = {f.name for f in fields(cls)} - {"model", "extra", "val_proba"}
+        known = {k: v for k, v in summary.items() if k in names}
+        extra = {k: v for k, v in summary.items() if k not in names}
+        return cls(model=model, extra=extra, **known)
 
     def summary(self) -> dict:
         """JSON-ready figures (everything but the model)."""
@@ -359,11 +369,9 @@ def train_stage2(
         model.set_weights(stage1_weights)
     # The kappa of the weights actually returned, measured, not assumed (the study logged "kept
     # Stage 1" while using Stage 2's weights).
-    final_kappa = (
-        quadratic_kappa(y_val, predict_all(model, x_val, 256).argmax(1))
-        if has_val
-        else float("nan")
-    )
+    if has_val:
+        result.val_proba = predict_all(model, x_val, 256)
+    final_kappa = quadratic_kappa(y_val, result.val_proba.argmax(1)) if has_val else float("nan")
     kept = bool(has_val and not improved)
     result.extra.update(
         {
