@@ -47,7 +47,7 @@ def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) 
     return result
 
 
-def clinical_rf_op(
+def clinical_forest(
     prepared: Input[Dataset], fold_plan: Input[Dataset], config: Input[Dataset], rf: Output[Dataset]
 ):
     """Fit the clinical random forest on the fold's training visits: out-of-fold probabilities for

@@ -4,16 +4,16 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Must be set before TensorFlow is imported (it is imported lazily by the training steps).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dfu-kfp-keras"))
 
-from dfu_ml.config import Config, config_from_json, load_config, parse_override  # noqa: E402
-from dfu_ml.errors import DfuError  # noqa: E402
+from dfu_ml.config import Config, config_from_json, load_config, parse_override
+from dfu_ml.errors import DfuError
 
 PLAN_FILE = "fold_plan.json"
 RF_PROBA_FILE = "rf_proba.npy"
@@ -42,6 +42,15 @@ def final_fit_epochs(final_fit, stage: str) -> int:
     return int(read_json(Path(final_fit.path) / SUMMARY_FILE)["final_fit_epochs"][stage])
 
 
+STAGE_METRICS = ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch")
+
+
+def log_stage_metrics(metrics, summary: dict, prefix: str = "") -> None:
+    """A training stage's figures (best epoch, best validation kappa, trainable parameters, steps
+    per epoch) as KFP metrics, so that the UI shows them for every stage of every fold."""
+    log_metrics(metrics, {f"{prefix}{key}": summary[key] for key in STAGE_METRICS})
+
+
 def log_metrics(metrics, values: dict) -> None:
     """Log to a KFP Metrics artifact, skipping values that are not finite numbers (KFP cannot
     store NaN, and a final fit has no validation kappa)."""
@@ -66,6 +75,23 @@ def read_json(path: Path):
     if not path.is_file():
         raise DfuError(f"expected file not found: {path}; did the step that writes it run?")
     return json.loads(path.read_text())
+
+
+def code_version() -> str:
+    """The package version plus a digest of the library, component and pipeline sources (part of
+    every model id, and of KFP's cache key through the pipeline's first step)."""
+    import hashlib
+
+    from dfu_ml import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("dfu_ml", "components", "pipelines"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml"):
+                digest.update(path.relative_to(root).as_posix().encode())
+                digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:16]}"
 
 
 # Arguments that name object-storage locations the step itself reads (not artifact folders).

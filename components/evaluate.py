@@ -1,9 +1,8 @@
 """Step ``evaluate``: all folds -> metrics, confusion matrices, plots, health verdict, blessing."""
 
 from pathlib import Path
-from typing import List
 
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Output
 
 from components.common import (
     FOLD_RESULT_FILE,
@@ -31,13 +30,14 @@ def run_evaluate(fold_results: list[Path], config: Config, out: Path) -> dict:
     return summary
 
 
-def evaluate_op(
-    fold_results: Input[List[Artifact]],
+def evaluate_folds(
+    fold_results: Input[list[Artifact]],
     config: Input[Dataset],
     summary: Output[Dataset],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
+    markdown: Output[Markdown],
 ) -> bool:
     """Compute metrics per fold and across folds (per image-set row and per visit), the
     training-health verdict and the blessing that gates publishing (the returned value), and
@@ -50,6 +50,7 @@ def evaluate_op(
         metrics: mean metrics, shown in the KFP UI.
         confusion: the confusion matrix over all folds.
         report: the HTML report.
+        markdown: the metrics table and the verdict as Markdown.
     """
     import shutil
     from pathlib import Path
@@ -57,6 +58,7 @@ def evaluate_op(
     from components.common import log_metrics, resolve_config
     from components.evaluate import run_evaluate
     from dfu_ml.data.schema import CLASS_NAMES
+    from dfu_ml.evaluation import report_markdown
 
     result = run_evaluate(
         [Path(f.path) for f in fold_results], resolve_config(config.path), Path(summary.path)
@@ -72,6 +74,7 @@ def evaluate_op(
     log_metrics(metrics, {"health_passed": int(result["health"]["passed"])})
     confusion.log_confusion_matrix(list(CLASS_NAMES), result["confusion_matrix_total"])
     shutil.copyfile(result["files"]["report"], report.path)
+    Path(markdown.path).write_text(report_markdown(result))
     return result["blessed"]
 
 

@@ -12,13 +12,19 @@ from dfu_ml.config import Config
 def run_prepare(data: str, config: Config, out: Path, report_path: Path | None = None) -> dict:
     """Download the dataset if it is in object storage, prepare it into ``out`` and return the
     data report."""
-    from dfu_ml.data.prepare import prepare_for_config, report_markdown, save_prepared
+    from dfu_ml.data.prepare import (
+        content_digest,
+        prepare_for_config,
+        report_markdown,
+        save_prepared,
+    )
     from dfu_ml.storage import download_tree, is_s3_uri
 
     with tempfile.TemporaryDirectory(prefix="dfu-data-") as scratch:
         folder = download_tree(data, Path(scratch) / "data") if is_s3_uri(data) else Path(data)
         dataset = prepare_for_config(folder, config)
     dataset.meta["source"] = data
+    dataset.meta["report"]["content_digest"] = content_digest(dataset)
     save_prepared(dataset, out)
     report = dataset.meta["report"]
     if report_path is not None:
@@ -27,11 +33,12 @@ def run_prepare(data: str, config: Config, out: Path, report_path: Path | None =
     return report
 
 
-def prepare_op(
+def prepare_data(
     data: str, config: Input[Dataset], prepared: Output[Dataset], report: Output[Markdown]
-):
+) -> str:
     """Read a dataset in the study's layout, crop every modality's wound box and pack the crops,
-    the row index and the clinical table into one versioned artifact with a data report.
+    the row index and the clinical table into one versioned artifact with a data report. Returns
+    the prepared data's content digest, which the model id is derived from.
 
     Args:
         data: local folder or s3://bucket/prefix holding the CSVs and image folders.
@@ -46,6 +53,7 @@ def prepare_op(
 
     summary = run_prepare(data, resolve_config(config.path), Path(prepared.path), Path(report.path))
     prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    return summary["content_digest"]
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ def run_pretrain_image(
     return result.summary()
 
 
-def pretrain_image_op(
+def pretrain_encoder(
     prepared: Input[Dataset],
     fold_plan: Input[Dataset],
     modality: str,
@@ -55,7 +55,7 @@ def pretrain_image_op(
     """
     from pathlib import Path
 
-    from components.common import final_fit_epochs, log_metrics, resolve_config
+    from components.common import final_fit_epochs, log_stage_metrics, resolve_config
     from components.pretrain_image import run_pretrain_image
 
     summary = run_pretrain_image(
@@ -66,13 +66,7 @@ def pretrain_image_op(
         Path(encoder.path),
         final_fit_epochs(final_fit, "pretrain"),
     )
-    log_metrics(
-        metrics,
-        {
-            f"{modality}_{key}": summary[key]
-            for key in ("best_epoch", "best_val_kappa", "trainable_params", "steps_per_epoch")
-        },
-    )
+    log_stage_metrics(metrics, summary, prefix=f"{modality}_")
     encoder.metadata.update({"modality": modality, "best_epoch": summary["best_epoch"]})
 
 

@@ -1,105 +1,157 @@
-"""Step ``publish``: assemble the final model bundle and, if blessed, push it to the models bucket."""
+"""Steps ``bundle`` and ``publish``: assemble the final model bundle, then push it to the models
+bucket when the evaluation blessed the run; a model id that is already there is never rewritten."""
 
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components.common import cli
+from components.common import cli, read_json
 from dfu_ml.config import Config
 
 
-def run_publish(
+def run_bundle(
     rf: Path,
     summary: Path,
     config: Config,
     out: Path,
     model: Path | None = None,
-    models_uri: str = "",
     data: str = "",
+    data_digest: str = "",
+    code_version: str = "",
 ) -> dict:
-    """Write the bundle into ``out``; upload it under ``models_uri`` only when the run is blessed."""
+    """Assemble the bundle into ``out`` and return its manifest."""
     from dfu_ml.bundle import assemble_bundle
-    from dfu_ml.storage import copy_tree
 
-    manifest = assemble_bundle(
+    return assemble_bundle(
         out,
         config,
         rf_dir=Path(rf),
         summary_dir=Path(summary),
         model_dir=None if model is None else Path(model),
         data=data,
+        data_digest=data_digest,
+        code_version=code_version,
     )
+
+
+def run_publish(bundle: Path, models_uri: str) -> str:
+    """Push a blessed bundle to ``models_uri``/model_id; return where it is published ("" if not).
+
+    Published models are immutable: when that model id is already complete there, nothing is
+    written (the id is a digest of the configuration, the code and the data, so the model there
+    is this one).
+    """
+    from dfu_ml.bundle import MANIFEST
+    from dfu_ml.storage import copy_tree, tree_is_complete
+
+    manifest = read_json(Path(bundle) / MANIFEST)
     if not manifest["blessed"]:
         print(
             "NOT PUBLISHED: the training-health verdict failed; the bundle is kept in the run's "
-            f"artifacts only ({out})",
+            f"artifacts only ({bundle})",
             flush=True,
         )
-    elif models_uri:
-        target = models_uri.rstrip("/") + "/" + manifest["model_id"]
-        copy_tree(out, target)
-        manifest["published_to"] = target
-        print(f"published {manifest['model_id']} to {target}", flush=True)
-    else:
-        print("blessed; no models_uri configured, so nothing was pushed", flush=True)
-    return manifest
+        return ""
+    if not models_uri:
+        print("blessed; no models_uri given, so nothing was pushed", flush=True)
+        return ""
+    target = models_uri.rstrip("/") + "/" + manifest["model_id"]
+    if tree_is_complete(target):
+        print(
+            f"model {manifest['model_id']} is already published at {target}; nothing was written "
+            "(published models are never overwritten)",
+            flush=True,
+        )
+        return target
+    copy_tree(bundle, target)
+    print(f"published {manifest['model_id']} to {target}", flush=True)
+    return target
 
 
-def publish_op(
+def bundle_model(
     rf: Input[Dataset],
     summary: Input[Dataset],
     config: Input[Dataset],
-    models_uri: str,
     data: str,
+    data_digest: str,
+    code_version: str,
     final_model: Output[Model],
     model: Input[Model] = None,
 ):
-    """Bundle the final model (fusion weights, random forest, feature transformer, config, report)
-    and push it to the models bucket when the evaluation blessed the run.
+    """Bundle the final model (fusion weights, clinical model, config, evaluation summary and
+    report, manifest) under a model id derived from the configuration, the code and the data.
 
     Args:
-        rf: the final fit's random forest.
+        rf: the final fit's clinical model.
         summary: the evaluation summary (health verdict and blessing).
         config: the run's resolved configuration (config.json).
-        models_uri: s3://bucket/prefix (or a local folder) for blessed models; empty to skip.
-        data: the dataset location, recorded in the bundle's manifest.
+        data: the dataset location, recorded in the manifest.
+        data_digest: the prepared data's content digest (part of the model id).
+        code_version: the package version and a digest of its sources (part of the model id).
         final_model: the bundle.
         model: the final fit's fusion model (absent for metadata-only runs).
     """
     from pathlib import Path
 
     from components.common import resolve_config
-    from components.publish import run_publish
+    from components.publish import run_bundle
 
-    manifest = run_publish(
+    manifest = run_bundle(
         Path(rf.path),
         Path(summary.path),
         resolve_config(config.path),
         Path(final_model.path),
         None if model is None else Path(model.path),
-        models_uri,
         data,
+        data_digest,
+        code_version,
     )
     final_model.metadata.update({k: manifest[k] for k in ("model_id", "blessed")})
-    if "published_to" in manifest:
-        final_model.metadata["published_to"] = manifest["published_to"]
+
+
+def publish_model(final_model: Input[Model], models_uri: str) -> str:
+    """Push the blessed bundle to ``models_uri``/<model id>, unless that id is already there.
+
+    Args:
+        final_model: the bundle.
+        models_uri: s3://bucket/prefix (or a folder) for blessed models; empty: push nothing.
+    """
+    from pathlib import Path
+
+    from components.publish import run_publish
+
+    return run_publish(Path(final_model.path), models_uri)
 
 
 def main(argv=None) -> int:
     def add(parser):
         parser.add_argument("--rf", required=True, help="final fit's clinical_rf output")
         parser.add_argument("--summary", required=True, help="evaluate's output folder")
+        parser.add_argument(
+            "--prepared", required=True, help="the prepared dataset (its content digest)"
+        )
         parser.add_argument("--model", help="final fit's stage2 output (image runs)")
         parser.add_argument("--models-uri", default="", help="s3://bucket/prefix or a folder")
         parser.add_argument("--data", default="", help="dataset location, for the manifest")
 
-    return cli(
-        "components.publish",
-        __doc__,
-        add,
-        lambda a: run_publish(a.rf, a.summary, a.config, a.out, a.model, a.models_uri, a.data),
-        argv,
-    )
+    def run(args):
+        from components.common import code_version
+        from dfu_ml.data.prepare import REPORT_JSON
+
+        digest = read_json(Path(args.prepared) / REPORT_JSON).get("content_digest", "")
+        run_bundle(
+            args.rf,
+            args.summary,
+            args.config,
+            args.out,
+            args.model,
+            args.data,
+            digest,
+            code_version(),
+        )
+        run_publish(args.out, args.models_uri)
+
+    return cli("components.publish", __doc__, add, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def run_resample_alpha(prepared: Path, fold: int, config: Config, out: Path) -> 
     return plan
 
 
-def resample_alpha_op(
+def make_fold_plan(
     prepared: Input[Dataset], fold: int, config: Input[Dataset], fold_plan: Output[Dataset]
 ):
     """Split patients for one fold, resample the training rows and compute the focal-loss alphas

@@ -1,9 +1,8 @@
 """Step ``stage1``: fusion model with the pre-trained encoders loaded and the backbones frozen."""
 
 from pathlib import Path
-from typing import List
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.common import (
     MODEL_FILE,
@@ -61,13 +60,14 @@ def run_stage1(
     return summary
 
 
-def stage1_op(
+def stage1_fusion(
     prepared: Input[Dataset],
     fold_plan: Input[Dataset],
     rf: Input[Dataset],
-    encoders: Input[List[Model]],
+    encoders: Input[list[Model]],
     config: Input[Dataset],
     model: Output[Model],
+    metrics: Output[Metrics],
     final_fit: Input[Dataset] = None,
 ):
     """Stage 1: the fusion model (RF probabilities + image branches + learnable fusion weight)
@@ -82,10 +82,11 @@ def stage1_op(
         final_fit: for the final fit, the evaluation summary whose best epochs fix the epoch
             count; absent for cross-validation folds (early stopping on validation kappa).
         model: the Stage 1 fusion model and the stage summaries.
+        metrics: best epoch, validation kappa, trainable parameters, steps per epoch.
     """
     from pathlib import Path
 
-    from components.common import final_fit_epochs, resolve_config
+    from components.common import final_fit_epochs, log_stage_metrics, resolve_config
     from components.stage1 import run_stage1
 
     summary = run_stage1(
@@ -97,6 +98,7 @@ def stage1_op(
         Path(model.path),
         final_fit_epochs(final_fit, "stage1"),
     )
+    log_stage_metrics(metrics, summary["stage1"])
     model.metadata.update(
         {
             "best_epoch": summary["stage1"]["best_epoch"],

@@ -59,7 +59,7 @@ def run_stage2(
     return fold_result
 
 
-def stage2_op(
+def stage2_finetune(
     prepared: Input[Dataset],
     fold_plan: Input[Dataset],
     rf: Input[Dataset],
@@ -82,11 +82,12 @@ def stage2_op(
         final_fit: for the final fit, the evaluation summary whose best epochs fix the epoch
             count; absent for cross-validation folds (early stopping on validation kappa).
         model: the fold's final fusion model and fold_result.json.
-        metrics: the fold's validation metrics.
+        metrics: best epoch, validation kappa, trainable parameters, steps per epoch, whether
+            Stage 1's weights were kept, and the fold's validation metrics.
     """
     from pathlib import Path
 
-    from components.common import final_fit_epochs, log_metrics, resolve_config
+    from components.common import final_fit_epochs, log_metrics, log_stage_metrics, resolve_config
     from components.stage2 import run_stage2
 
     result = run_stage2(
@@ -98,23 +99,17 @@ def stage2_op(
         Path(model.path),
         final_fit_epochs(final_fit, "stage2"),
     )
-    values = {
-        "stage2_best_epoch": result["stage2"]["best_epoch"],
-        "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"]),
-    }
-    values.update(result.get("metrics", {}).get("per_row", {}))
+    log_stage_metrics(metrics, result["stage2"])
+    per_row = result.get("metrics", {}).get("per_row", {})
     log_metrics(
         metrics,
         {
-            k: values[k]
-            for k in (
-                "stage2_best_epoch",
-                "kept_stage1_weights",
-                "quadratic_kappa",
-                "accuracy",
-                "macro_f1",
-            )
-            if k in values
+            "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"]),
+            **{
+                f"fold_{k}": per_row[k]
+                for k in ("quadratic_kappa", "accuracy", "macro_f1")
+                if k in per_row
+            },
         },
     )
 

@@ -2,8 +2,10 @@
 
 A folder with the fusion model (image runs), the clinical random forest and its feature
 transformer, the configuration, the evaluation summary and report, and a manifest whose
-``model_id`` is derived from the configuration and the data location, so that a different
-experiment never reuses (or overwrites) another's model.
+``model_id`` is a digest of the training configuration, the code version and the prepared data's
+content: the same experiment on the same data with the same code gets the same id wherever it
+runs, and anything else gets another, so a published model is never overwritten by a different
+one.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ TRANSFORMER_FILE = "transformer.json"
 CONFIG_FILE = "config.json"
 
 
-def model_id(config: Config, data: str) -> str:
-    digest = hashlib.sha256(
-        (config.to_json() + "|" + data + "|" + __version__).encode()
-    ).hexdigest()
-    return f"dfu-{__version__}-{digest[:12]}"
+def model_id(config: Config, data_digest: str, code_version: str) -> str:
+    """The model id: what was trained (the configuration; its ``profile`` is only a label), by
+    which code, on which data (a content digest, not a location)."""
+    experiment = {k: v for k, v in config.to_dict().items() if k != "profile"}
+    text = json.dumps([experiment, code_version, data_digest], sort_keys=True)
+    return f"dfu-{__version__}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def assemble_bundle(
@@ -39,6 +42,8 @@ def assemble_bundle(
     summary_dir: Path,
     model_dir: Path | None,
     data: str = "",
+    data_digest: str = "",
+    code_version: str = "",
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,9 +59,11 @@ def assemble_bundle(
             shutil.copyfile(Path(summary_dir) / name, out / name)
     (out / CONFIG_FILE).write_text(config.to_json())
     manifest = {
-        "model_id": model_id(config, data),
+        "model_id": model_id(config, data_digest, code_version),
         "version": __version__,
+        "code_version": code_version,
         "data": data,
+        "data_digest": data_digest,
         "modalities": config.modalities,
         "image_size": config.image_size,
         "blessed": bool(summary["blessed"]),

@@ -37,7 +37,11 @@ STAGE1_FREEZE = ("backbone", "encoder")
 
 @dataclass
 class Config:
-    """Every setting a run can change. Field comments say why a default is what it is."""
+    """Every setting that defines an experiment (and, with the code and the data, its model id).
+
+    Where the steps run (images, GPU placement, the object store, where models are published) is
+    not here: see ``pipelines/settings.py``. Field comments say why a default is what it is.
+    """
 
     profile: str = "default"
     # Data
@@ -89,21 +93,6 @@ class Config:
     health_min_kappa: float = 0.25
     health_min_trainable_params: int = 1000
     health_min_steps_per_epoch: int = 3
-    # Cluster placement (used by the compiled pipeline only)
-    gpu_accelerator_type: str = "nvidia.com/gpu"
-    gpu_accelerator_limit: int = 1
-    gpu_node_selector: dict = field(default_factory=lambda: {"dfu-kfp/node-pool": "gpu"})
-    gpu_toleration: dict = field(
-        default_factory=lambda: {
-            "key": "nvidia.com/gpu",
-            "operator": "Exists",
-            "effect": "NoSchedule",
-        }
-    )
-    s3_secret_name: str = "dfu-kfp-s3"  # keys accesskey / secretkey (manifests/base/s3-secret.yaml)
-    s3_endpoint: str = "dfu-minio:9000"  # host:port of the S3 endpoint the steps read and write
-    s3_secure: bool = False
-    models_uri: str = ""  # where publish pushes a blessed model; empty means "do not publish"
 
     @property
     def image_modalities(self) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from dfu_ml.config import Config
 from dfu_ml.data.schema import CLASS_NAMES
-from dfu_ml.training.health import health_verdict
+from dfu_ml.training.health import format_verdict, health_verdict
 from dfu_ml.training.metrics import KAPPA, mean_std
 
 HEADLINE = ("quadratic_kappa", "accuracy", "macro_f1")
@@ -133,6 +133,14 @@ def format_table(summary: dict) -> str:
     )
     lines.append("(per image-set row | per visit; kappa is quadratic-weighted Cohen's kappa)")
     return "\n".join(lines)
+
+
+def report_markdown(summary: dict) -> str:
+    """The metrics table and the health verdict as Markdown (the KFP UI's Markdown preview)."""
+    return (
+        f"# dfu-kfp cross-validation: {', '.join(summary['modalities'])}\n\n"
+        f"```\n{format_table(summary)}\n```\n\n```\n{format_verdict(summary['health'])}\n```\n"
+    )
 
 
 def _figure_png(fig) -> bytes:

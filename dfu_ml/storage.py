@@ -504,6 +504,27 @@ def _put_marker(client: Minio, bucket: str, marker_key: str, files: list[tuple[s
         os.unlink(out.name)
 
 
+def tree_is_complete(
+    uri_or_path: str | os.PathLike, *, settings: S3Settings | None = None
+) -> bool:
+    """True when a complete tree is at ``uri_or_path``: an S3 prefix with its ``_SUCCESS``
+    marker, or a local folder (local trees are published by one rename, so any is complete)."""
+    if not is_s3_uri(uri_or_path):
+        folder = Path(uri_or_path)
+        return folder.is_dir() and any(folder.iterdir())
+    bucket, prefix = parse_s3_uri(str(uri_or_path))
+    settings, client = _connect(settings)
+    marker_key = _object_key(prefix, SUCCESS_MARKER)
+    with _storage_errors(f"checking {uri_or_path}", settings, bucket, marker_key):
+        try:
+            client.stat_object(bucket, marker_key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+                return False
+            raise
+    return True
+
+
 def download_tree(
     uri_or_path: str | os.PathLike,
     local_dir: str | os.PathLike,

@@ -1,14 +1,23 @@
-"""The ``dfu-kfp`` command: synth, run, compile, predict."""
+"""The ``dfu-kfp`` command: synth, run, compile, predict.
+
+Every expected error is one ``error:`` line on standard error (exit 2) that names the file, row,
+column or key at fault. An unexpected exception is one line too, pointing at the log file that
+holds its traceback (exit 1).
+"""
 
 import argparse
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from dfu_ml.errors import DfuError  # noqa: E402
+from dfu_ml.errors import ConfigError, DfuError
+
+DEFAULT_OUT = Path("runs") / "latest"
 
 
 def _synth(args) -> None:
@@ -30,18 +39,30 @@ def _synth(args) -> None:
     print(", ".join(f"{k}: {v}" for k, v in result.items()))
 
 
-def _config(args):
+def _settings(args):
+    """The training configuration and the runtime settings from --config, --runtime and --set
+    (each ``--set`` key goes to whichever of the two defines it)."""
     from dfu_ml.config import load_config
+    from pipelines.settings import load_runtime, split_overrides
 
-    return load_config(args.config, args.set)
+    config_overrides, runtime_overrides = split_overrides(args.set)
+    return (
+        load_config(args.config, config_overrides),
+        load_runtime(getattr(args, "runtime", None), runtime_overrides),
+    )
 
 
 def _run(args) -> None:
     from pipelines.local_run import run_local
 
-    out = args.out or Path("runs") / "latest"
+    config, runtime = _settings(args)
     summary = run_local(
-        _config(args), args.data, out, synth_patients=args.synth_patients, runner=args.runner
+        config,
+        args.data,
+        args.out,
+        synth_patients=args.synth_patients,
+        runner=args.runner,
+        runtime=runtime,
     )
     if args.strict and not summary["blessed"]:
         raise SystemExit(1)
@@ -49,10 +70,16 @@ def _run(args) -> None:
 
 def _compile(args) -> None:
     from pipelines.pipeline import compile_pipeline
+    from pipelines.settings import unpinned_warning
 
-    path = compile_pipeline(_config(args), args.output)
+    config, runtime = _settings(args)
+    warning = unpinned_warning(runtime)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    path = compile_pipeline(config, args.output, runtime)
     print(
-        f"wrote {path}; upload it in the KFP UI or run: kfp run create -e EXPERIMENT -r RUN "
+        f"wrote {path}; upload it in the KFP UI (Pipelines -> Upload pipeline) or run:\n"
+        f"  kfp --endpoint http://KFP_HOST -n NAMESPACE run create -e EXPERIMENT -r RUN "
         f"-f {path} data=s3://BUCKET/PREFIX"
     )
 
@@ -62,15 +89,53 @@ def _predict(args) -> None:
 
     from dfu_ml.predict import predict_folder
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
     table, metrics = predict_folder(args.model, args.data)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
-    print(f"wrote {len(table)} visit predictions to {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.partial")
+    table.to_csv(temp, index=False)
+    os.replace(temp, out)
+    print(f"wrote {len(table)} visit predictions to {out}")
     if metrics:
         print(json.dumps({k: metrics[k] for k in ("quadratic_kappa", "accuracy", "macro_f1")}))
 
 
+def _check(args) -> None:
+    """The KFP backend's upload and run-creation checks, on a compiled pipeline file."""
+    import yaml
+    from kfp.cli.utils.parsing import parse_parameter_value
+
+    from pipelines.acceptance import PipelineRejected, check_pipeline, check_run_arguments
+    from pipelines.pipeline import expected_placement
+    from pipelines.run_parameters import for_pipeline
+    from pipelines.settings import load_runtime
+
+    path = Path(args.pipeline)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such pipeline file; compile one with dfu-kfp compile")
+    runtime = load_runtime(args.runtime, args.set)
+    spec = next(yaml.safe_load_all(path.read_text()))
+    parameters = for_pipeline(spec.get("pipelineInfo", {}).get("name", ""))
+    problems = check_pipeline(path, expected_placement(runtime), parameters.kfp_types())
+    arguments = {}
+    for text in args.arguments:
+        if "=" not in text:
+            raise ConfigError(f"run argument {text!r} must look like key=value")
+        key, value = text.split("=", 1)
+        arguments[key] = parse_parameter_value(value)
+    problems += check_run_arguments(spec, arguments)
+    if problems:
+        raise PipelineRejected(
+            f"{path} would be rejected or mis-run by a KFP backend: " + "; ".join(problems)
+        )
+    print(f"{path}: accepted (schema, references, run parameters, Kubernetes settings)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.run_parameters import parameter_table
+
     parser = argparse.ArgumentParser(
         prog="dfu-kfp",
         description=(
@@ -100,17 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     def config_args(p, default):
         p.add_argument("--config", default=default, help="profile (smoke, paper) or YAML file")
         p.add_argument(
+            "--runtime",
+            help="YAML file of runtime settings (images, GPU placement, S3 endpoint, models_uri)",
+        )
+        p.add_argument(
             "--set",
             nargs="+",
             default=[],
             metavar="KEY=VALUE",
-            help="override config keys, e.g. --set modalities=metadata cv_folds=2",
+            help="override config keys or runtime settings, e.g. --set modalities=metadata "
+            "cv_folds=2 s3_endpoint=minio.example:9000",
         )
 
     run = sub.add_parser("run", help="run the pipeline locally (kfp.local)")
     config_args(run, "smoke")
     run.add_argument("--data", help="dataset folder or s3://bucket/prefix (default: synthetic)")
-    run.add_argument("--out", type=Path, help="output folder (default: runs/latest)")
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (runs/latest)")
     run.add_argument("--synth-patients", type=int, default=40)
     run.add_argument("--strict", action="store_true", help="exit 1 when the health verdict fails")
     run.add_argument(
@@ -122,10 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_run)
 
-    comp = sub.add_parser("compile", help="compile the pipeline to YAML for a KFP backend")
+    parameters = "\n".join(f"  {n} ({t}): {h}" for n, t, h in parameter_table())
+    comp = sub.add_parser(
+        "compile",
+        help="compile the pipeline to YAML for a KFP backend",
+        description="Compile the pipeline for a KFP backend. Run parameters (kfp run create "
+        f"... key=value):\n{parameters}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     config_args(comp, "paper")
     comp.add_argument("--output", required=True, type=Path)
     comp.set_defaults(func=_compile)
+
+    check = sub.add_parser(
+        "check",
+        help="check a compiled pipeline (and run arguments) as a KFP backend would",
+    )
+    check.add_argument("pipeline", help="the compiled pipeline YAML")
+    check.add_argument(
+        "arguments", nargs="*", metavar="KEY=VALUE", help="run arguments, as for kfp run create"
+    )
+    check.add_argument("--runtime", help="the runtime settings file it was compiled with")
+    check.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="runtime settings it was compiled with",
+    )
+    check.set_defaults(func=_check)
 
     pred = sub.add_parser("predict", help="predict healing phases for new visits")
     pred.add_argument("--model", required=True, type=Path, help="a final_model bundle folder")
@@ -135,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _crash_log(args) -> Path:
+    """Where an unexpected traceback goes: the run's log, or a new file for other commands."""
+    if getattr(args, "command", None) == "run":
+        path = Path(args.out).resolve() / "logs" / "pipeline.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    handle, name = tempfile.mkstemp(prefix="dfu-kfp-error-", suffix=".log")
+    os.close(handle)
+    return Path(name)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -142,6 +248,19 @@ def main(argv=None) -> int:
     except DfuError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in a log
+        log = _crash_log(args)
+        with open(log, "a") as handle:
+            traceback.print_exc(file=handle)
+        print(
+            f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f" (a bug: the traceback is in {log}; please report it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -3,84 +3,166 @@
 With no ``--data`` it generates a synthetic dataset and uses a local folder as the object store
 (the embedded default). It ends with the per-fold and mean metrics, the health verdict,
 ``OUT/summary.json``, ``OUT/report.html`` and the final model bundle in ``OUT/final_model``.
+
+Results are run-scoped and appear only when the run succeeds: they are gathered from what the
+pipeline returns into a staging folder, then moved into place. ``OUT/run_status.json`` says whether
+the last run is running, succeeded or failed; a failed run leaves the previous results in place and
+says so. A failing step becomes one ``DfuError`` naming the step and its error; every line of every
+step stays in ``OUT/logs/pipeline.log``.
 """
 
-import builtins
+from __future__ import annotations
+
 import contextlib
+import datetime
 import hashlib
+import io
 import json
-import logging
 import os
 import re
 import shutil
+import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 from dfu_ml.config import Config
+from dfu_ml.errors import DfuError
+from pipelines.settings import RuntimeSettings
 
 DEFAULT_SYNTH_PATIENTS = 40
 DEFAULT_SYNTH_SCALE = 0.2
+RESULT_FILES = ("report.html", "training_curves.png", "confusion_matrix.png")
+STATUS_FILE = "run_status.json"
 
-
-# A line of kfp's JSON dump of the executor input: a key, a brace or bracket, or a bare value.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# A line of the executor's JSON dump of its input: a key, a brace or bracket, or a bare value.
 _JSON_LINE = re.compile(r'^(["{}\[\]]|(-?\d+(\.\d+)?([eE][-+]?\d+)?|true|false|null),?$)')
+_TASK_START = re.compile(r"Executing task '([^']+)'")
+_TASK_FAILED = re.compile(r"Task '([^']+)' finished with status FAILURE")
+# The last line of a step's traceback: the exception's type and message.
+_EXCEPTION = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.*)$")
+_EXPECTED = "dfu_ml.errors."
 
 
-class _DropKfpChatter(logging.Filter):
-    """kfp.local logs every task's outputs (artifact URIs, the whole config) and a "Streamed logs"
-    banner: keep them in the log file, not on the console."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return " outputs:" not in message and "Streamed logs" not in message
+class PipelineStepFailed(DfuError):
+    """A pipeline step failed; the message names the step and its error."""
 
 
-@contextlib.contextmanager
-def concise_console(log_path: Path):
-    """Show step progress and our own output; send kfp's executor dumps to ``log_path`` only.
+class StepConsole(io.TextIOBase):
+    """What kfp.local writes while a pipeline runs (it is made this process's standard output).
 
-    kfp.local prints each step's output through ``builtins.print`` (indented), including the
-    executor's INFO log with the whole executor input as JSON. Every line still goes to the log.
-    Steps run concurrently, so the filter judges each line on its own.
+    Every line goes to the log file. The console shows step progress and the steps' own output,
+    not kfp's executor dumps (the whole executor input as JSON) or artifact listings. The last
+    error a step raised is remembered, so that a failure can be reported in one line.
     """
-    original_print = builtins.print
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "a")
-    pending = {"prefix": ""}
 
-    def visible(line: str) -> bool:
+    def __init__(self, log_file, console):
+        super().__init__()
+        self.log_file, self.console = log_file, console
+        self.pending = ""
+        self.task = None
+        self.failed_task = None
+        # (task that was last announced, exception line): steps of a ParallelFor run
+        # concurrently, so the announced task is only a hint.
+        self.exceptions: list[tuple[str | None, str]] = []
+        self.in_listing = False
+        self.in_traceback = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+        self.console.flush()
+
+    def close_pending(self) -> None:
+        if self.pending:
+            self._line(_ANSI.sub("", self.pending))
+            self.pending = ""
+
+    def _line(self, line: str) -> None:
+        self.log_file.write(line + "\n")
         text = line.strip()
+        started = _TASK_START.search(line)
+        if started:
+            self.task = started.group(1)
+        failed = _TASK_FAILED.search(line)
+        if failed:
+            self.failed_task = self.failed_task or failed.group(1)
+        if _EXCEPTION.match(text):
+            self.exceptions.append((self.task, text))
+        if self._visible(line, text):
+            self.console.write(line + "\n")
+            self.console.flush()
+
+    def _visible(self, line: str, text: str) -> bool:
+        # A failing step's traceback stays in the log: the failure is reported in one line.
+        if text.startswith(
+            (
+                "Traceback (most recent call last)",
+                "During handling of the above exception",
+                "The above exception was the direct",
+            )
+        ):
+            self.in_traceback = True
+        if self.in_traceback:
+            if _EXCEPTION.match(text):
+                self.in_traceback = False
+            return False
+        if " outputs:" in line:  # kfp's listing of a task's outputs follows, indented
+            self.in_listing = True
+            return False
+        if self.in_listing:
+            if line.startswith(" ") or not text:
+                return False
+            self.in_listing = False
         if not text or "[KFP Executor" in line or set(text) <= {"-"}:
+            return False
+        if "Streamed logs" in line or "Cleaned up workspace" in line:
             return False
         return not (_JSON_LINE.match(text) or text.startswith('"'))
 
-    def filtered_print(*args, **kwargs):
-        if kwargs.get("file") is not None:
-            return original_print(*args, **kwargs)
-        end = kwargs.get("end", "\n")
-        text = kwargs.get("sep", " ").join(str(a) for a in args)
-        if end == "" and not text.strip():
-            pending["prefix"] += text  # kfp's indentation, printed separately
-            return None
-        line, pending["prefix"] = pending["prefix"] + text, ""
-        log_file.write(line + end)
-        if visible(line):
-            original_print(line, end=end, flush=True)
-        return None
+    def failure(self, log_path: Path) -> PipelineStepFailed:
+        """The error to raise for a failed run: the failed step and the error it raised."""
+        task = self.failed_task or self.task or "?"
+        same_task = [text for hint, text in self.exceptions if hint == task]
+        expected = [text for _, text in self.exceptions if text.startswith(_EXPECTED)]
+        candidates = same_task or expected or [text for _, text in self.exceptions]
+        error = candidates[-1] if candidates else ""
+        if error.startswith(_EXPECTED):
+            _, _, message = error.partition(": ")
+            return PipelineStepFailed(f"step {task!r} failed: {message} (full log: {log_path})")
+        detail = f" ({error})" if error else ""
+        return PipelineStepFailed(
+            f"step {task!r} failed with an unexpected error{detail}; its traceback is in {log_path}"
+        )
 
-    log_filter = _DropKfpChatter()
-    logging.getLogger().addFilter(log_filter)
-    builtins.print = filtered_print
-    try:
-        with warnings.catch_warnings():
-            # Locally every step runs in this Python, whatever image it names; the README says so.
-            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-            yield
-    finally:
-        builtins.print = original_print
-        logging.getLogger().removeFilter(log_filter)
-        log_file.close()
+
+def synthetic_dataset(store: Path, seed: int, patients: int, log=print) -> str:
+    """The embedded default dataset, generated once per generator version and settings."""
+    from dfu_ml.data import synthetic
+
+    # Keyed by everything that shapes the data, the generator's code included, so a later run
+    # never reuses a dataset made by other code or settings.
+    generator = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:10]
+    folder = (
+        store / "datasets" / f"synthetic-p{patients}-s{seed}-x{DEFAULT_SYNTH_SCALE}-{generator}"
+    )
+    if not (folder / "DataMaster_Processed_V12_WithMissing.csv").is_file():
+        log(f"generating a synthetic dataset ({patients} patients) in {folder}")
+        synthetic.generate_synthetic_dataset(
+            folder, patients=patients, seed=seed, image_scale=DEFAULT_SYNTH_SCALE
+        )
+    return str(folder)
 
 
 # --- runner="docker": every step in its component image, through kfp.local.DockerRunner ------------
@@ -88,52 +170,6 @@ def _local_ref(ref: str) -> str:
     """kfp.local finds a local image only by NAME:TAG or NAME@DIGEST, not NAME:TAG@DIGEST."""
     name = ref.partition("@")[0]
     return name if ":" in name.rsplit("/", 1)[-1] else ref
-
-
-def _run_container(client, image: str, command: list, volumes: dict, **run_args) -> int:
-    """kfp.local's ``run_docker_container`` without ``auto_remove``. kfp 2.17 has the container
-    removed on exit, then takes the 404 from ``wait`` for exit status 0: a failing step passes
-    (always under podman; kubeflow/pipelines#13332). Also: no pull of a ``localhost/`` image."""
-    import docker
-    from kfp.local.docker_task_handler import add_latest_tag_if_not_present
-
-    image = add_latest_tag_if_not_present(image)
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        if image.startswith("localhost/"):
-            raise RuntimeError(
-                f"image {image} is not in the local image store of {client.api.base_url}"
-                " (build it: bash docker/build.sh)"
-            ) from None
-        client.images.pull(image)
-    container = client.containers.run(
-        image=image, command=command, detach=True, volumes=volumes, **run_args
-    )
-    try:
-        rest = b""
-        for chunk in container.logs(stream=True, follow=True):  # pieces of lines: print whole ones
-            *lines, rest = (rest + chunk).split(b"\n")
-            for line in lines:
-                print(line.decode(errors="replace"))
-        if rest:
-            print(rest.decode(errors="replace"))
-        return container.wait()["StatusCode"]
-    finally:
-        with contextlib.suppress(docker.errors.APIError):
-            container.remove(force=True)
-
-
-@contextlib.contextmanager
-def _docker_exit_status():
-    from kfp.local import docker_task_handler
-
-    original = docker_task_handler.run_docker_container
-    docker_task_handler.run_docker_container = _run_container
-    try:
-        yield
-    finally:
-        docker_task_handler.run_docker_container = original
 
 
 def _docker_runner(out: Path, pipeline_root: Path, data: str, models_uri: str):
@@ -171,13 +207,30 @@ def _docker_runner(out: Path, pipeline_root: Path, data: str, models_uri: str):
     return local.DockerRunner(network_mode="host", mounts=mounts, environment=environment)
 
 
-def _newest_run(pipeline_root: Path) -> Path:
-    runs = sorted(
-        (p for p in pipeline_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime
-    )
-    if not runs:
-        raise RuntimeError(f"kfp.local left no run folder under {pipeline_root}")
-    return runs[-1]
+# --- results ---------------------------------------------------------------------------------------
+def _write_json_atomic(path: Path, data) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_text(json.dumps(data, indent=2))
+    os.replace(temp, path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _publish_results(staging: Path, out: Path) -> None:
+    """Move the staged results into ``out``: files with one rename each, ``final_model`` by
+    renaming the old folder away first (a reader sees the old bundle or the new, never a mix)."""
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == "summary.json"):
+        target = out / item.name
+        if item.is_dir():
+            old = out / f".{item.name}.old-{uuid.uuid4().hex[:8]}"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(item, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(item, target)  # summary.json last: it names the other results
 
 
 def run_local(
@@ -188,14 +241,14 @@ def run_local(
     log=print,
     quiet: bool = True,
     runner: str = "subprocess",
-    images: dict | None = None,
+    runtime: RuntimeSettings | None = None,
 ) -> dict:
     """Run the pipeline locally and collect its results into ``out``; return the summary.
 
     ``runner="subprocess"`` runs every step in this Python; ``runner="docker"`` runs each in its
-    component image through kfp's DockerRunner (DOCKER_HOST may name podman's socket). ``images``
-    ({"cpu": REF, "gpu": REF}) defaults to docker/images.json; with docker, to its CPU image for
-    both (kfp.local gives containers no GPU).
+    component image through kfp's DockerRunner (DOCKER_HOST may name podman's socket), the CPU
+    image of ``runtime.images`` for every step (kfp.local gives containers no GPU).
+    ``runtime.models_uri`` defaults to ``OUT/store/models``.
     """
     if runner not in ("subprocess", "docker"):
         raise ValueError(f"runner {runner!r}: 'subprocess' or 'docker'")
@@ -207,6 +260,9 @@ def run_local(
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    status = {"run_id": run_id, "status": "running", "started": _now()}
+    _write_json_atomic(out / STATUS_FILE, status)
     # kfp.local leaves a mktemp folder per step: keep them inside the run's folder.
     tmp = out / "tmp"
     tmp.mkdir(exist_ok=True)
@@ -215,84 +271,118 @@ def run_local(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     store = out / "store"
-    if data is None:
-        from dfu_ml.data import synthetic
-        from dfu_ml.data.synthetic import generate_synthetic_dataset
-
-        # Keyed by everything that shapes the data, the generator's code included, so a later
-        # run never reuses a dataset made by other code or settings.
-        generator = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:10]
-        data_dir = (
-            store
-            / "datasets"
-            / f"synthetic-p{synth_patients}-s{config.seed}-x{DEFAULT_SYNTH_SCALE}-{generator}"
-        )
-        if not (data_dir / "DataMaster_Processed_V12_WithMissing.csv").is_file():
-            log(f"generating a synthetic dataset ({synth_patients} patients) in {data_dir}")
-            generate_synthetic_dataset(
-                data_dir, patients=synth_patients, seed=config.seed, image_scale=DEFAULT_SYNTH_SCALE
-            )
-        data = str(data_dir)
-    models_uri = config.models_uri or str(store / "models")
-    config = config.replace(models_uri=models_uri)
-    pipeline_root = out / "pipeline_root"
-    pipeline_root.mkdir(exist_ok=True)
-    if runner == "docker":
-        if images is None:
-            from pipelines.pipeline import component_images
-
-            images = dict.fromkeys(("cpu", "gpu"), component_images()["cpu"])
-        images = {kind: _local_ref(ref) for kind, ref in images.items()}
-        data = str(Path(data).resolve()) if "://" not in data else data
-        step_runner = _docker_runner(out, pipeline_root, data, models_uri)
-    else:
-        step_runner = local.SubprocessRunner(use_venv=False)
-    local.init(runner=step_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
-    pipeline = build_pipeline(config, images=images, local=True)
-    log(
-        f"running pipeline 'dfu-kfp' locally: data {data}, modalities {config.modalities}, "
-        f"{config.cv_folds} folds, profile {config.profile}"
-    )
-    start = time.time()
+    runtime = runtime or RuntimeSettings()
+    if not runtime.models_uri:
+        runtime = runtime.replace(models_uri=str(store / "models"))
     log_path = out / "logs" / "pipeline.log"
-    log(f"full step logs: {log_path}")
-    with (
-        concise_console(log_path) if quiet else contextlib.nullcontext(),
-        _docker_exit_status() if runner == "docker" else contextlib.nullcontext(),
-    ):
-        pipeline(data=data)
-    run_dir = _newest_run(pipeline_root)
-    summary_dir = run_dir / "evaluate-op" / "summary"
-    bundle_dir = run_dir / "publish-op" / "final_model"
-    summary = json.loads((summary_dir / "summary.json").read_text())
-    final_model = out / "final_model"
-    if final_model.exists():
-        shutil.rmtree(final_model)
-    shutil.copytree(bundle_dir, final_model)
-    for name in ("report.html", "training_curves.png", "confusion_matrix.png"):
-        if (summary_dir / name).is_file():
-            shutil.copyfile(summary_dir / name, out / name)
-    manifest = json.loads((final_model / "manifest.json").read_text())
-    summary.update(
-        {
-            "final_model": str(final_model),
-            "model_id": manifest["model_id"],
-            "data": data,
-            "pipeline_run": str(run_dir),
-            "published_to": (
-                models_uri.rstrip("/") + "/" + manifest["model_id"] if summary["blessed"] else None
-            ),
-            "report": str(out / "report.html"),
-            "seconds": round(time.time() - start, 1),
-        }
-    )
-    summary.pop("files", None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        if data is None:
+            data = synthetic_dataset(store, config.seed, synth_patients, log)
+        pipeline_root = out / "pipeline_root"
+        pipeline_root.mkdir(exist_ok=True)
+        if runner == "docker":
+            images = dict.fromkeys(("cpu", "gpu"), _local_ref(runtime.images["cpu"]))
+            runtime = runtime.replace(images=images)
+            data = str(Path(data).resolve()) if "://" not in data else data
+            step_runner = _docker_runner(out, pipeline_root, data, runtime.models_uri)
+        else:
+            step_runner = local.SubprocessRunner(use_venv=False)
+        local.init(runner=step_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
+        pipeline = build_pipeline(config, runtime, local=True)
+        log(
+            f"running pipeline 'dfu-kfp' locally: data {data}, modalities {config.modalities}, "
+            f"{config.cv_folds} folds, profile {config.profile}"
+        )
+        log(f"full step logs: {log_path}")
+        outputs = _run_pipeline(pipeline, data, runtime, log_path, quiet, runner)
+        summary = _collect(outputs, out, run_id, data, runtime, start)
+    except BaseException as exc:
+        status.update(status="failed", finished=_now(), error=str(exc).splitlines()[0][:500])
+        kept = (out / "summary.json").is_file()
+        if kept:
+            status["previous_results"] = "kept: summary.json and the results beside it are "
+            status["previous_results"] += "from an earlier run (see its run_id)"
+        _write_json_atomic(out / STATUS_FILE, status)
+        if kept and isinstance(exc, DfuError):
+            raise type(exc)(
+                f"{exc}; the results in {out} are from an earlier run and were left as they were"
+            ) from None
+        raise
+    status.update(status="succeeded", finished=_now())
+    _write_json_atomic(out / STATUS_FILE, status)
     log("")
     log(format_table(summary))
     log(format_verdict(summary["health"]))
     log(
-        f"summary: {out / 'summary.json'}  report: {out / 'report.html'}  final model: {final_model}"
-        f"  ({summary['seconds']} s)"
+        f"summary: {out / 'summary.json'}  report: {out / 'report.html'}  final model: "
+        f"{summary['final_model']}  ({summary['seconds']} s)"
     )
+    return summary
+
+
+def _run_pipeline(pipeline, data: str, runtime, log_path: Path, quiet: bool, runner: str) -> dict:
+    """Call the pipeline; return its outputs, or raise PipelineStepFailed naming the step."""
+    from pipelines.kfp_workarounds import docker_exit_status
+
+    with open(log_path, "a") as log_file:
+        console = StepConsole(log_file, sys.stdout)
+        redirect = contextlib.redirect_stdout(console) if quiet else contextlib.nullcontext()
+        try:
+            with (
+                redirect,
+                warnings.catch_warnings(),
+                docker_exit_status() if runner == "docker" else contextlib.nullcontext(),
+            ):
+                # Locally every step runs in this Python, whatever image it names (README).
+                warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+                # GPU placement and display names apply on a cluster only (README).
+                warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
+                task = pipeline(data=data, models_uri=runtime.models_uri)
+        except RuntimeError as exc:
+            console.close_pending()
+            if not str(exc).startswith("Pipeline"):
+                raise
+            log_file.write(f"{_ANSI.sub('', str(exc))}\n")
+            raise console.failure(log_path) from None
+        console.close_pending()
+    return task.outputs
+
+
+def _collect(outputs: dict, out: Path, run_id: str, data: str, runtime, start: float) -> dict:
+    """Gather the pipeline's returned artifacts into ``out`` (see :func:`_publish_results`)."""
+    summary_dir = Path(outputs["summary"].path)
+    bundle_dir = Path(outputs["final_model"].path)
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    staging = out / f".staging-{run_id}"
+    staging.mkdir()
+    try:
+        shutil.copytree(bundle_dir, staging / "final_model")
+        for name in RESULT_FILES:
+            if (summary_dir / name).is_file():
+                shutil.copyfile(summary_dir / name, staging / name)
+        published = summary["blessed"] and bool(runtime.models_uri)
+        summary.pop("files", None)
+        summary.update(
+            {
+                "run_id": run_id,
+                "final_model": str(out / "final_model"),
+                "model_id": manifest["model_id"],
+                "data": data,
+                "pipeline_run": str(summary_dir.parents[1]),
+                "published_to": (
+                    runtime.models_uri.rstrip("/") + "/" + manifest["model_id"]
+                    if published
+                    else None
+                ),
+                "report": str(out / "report.html"),
+                "seconds": round(time.time() - start, 1),
+            }
+        )
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+        _publish_results(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary

@@ -1,292 +1,261 @@
 """The dfu-kfp pipeline DAG: one definition, run by ``kfp.local`` or compiled for a cluster.
 
-prepare -> per fold (ParallelFor): resample_alpha -> clinical_rf, per image modality
-(ParallelFor) pretrain_image -> stage1 -> stage2 -> evaluate (all folds) -> final fit on all
-patients with the folds' best epochs -> publish (only a blessed model is pushed).
+Its run parameters are declared once, in ``pipelines/run_parameters.py``; which images it runs
+in, where the GPU steps go and how the steps reach object storage come from the runtime settings
+(``pipelines/settings.py``), never from the training configuration.
 
-A metadata-only configuration compiles to the same DAG without the image steps.
-GPU steps (pretrain_image, stage1, stage2) get an accelerator, a node selector and a toleration
-from the config; MinIO credentials come from a Kubernetes secret as environment variables.
+A metadata-only configuration compiles to the same DAG without the image steps. GPU steps get an
+accelerator, a node selector and a toleration; steps that talk to object storage get the
+credentials from a Kubernetes secret as environment variables, and retries.
+
+kfp.local (2.17) quirk this DAG respects: inside a ParallelFor nested in another, a task may take
+artifacts from the outer loop's body but not its parameters (they resolve to the inner loop's item),
+so every per-fold value reaches the per-modality steps as an artifact.
 """
 
-import hashlib
-import json
 from pathlib import Path
-from typing import List
+from typing import NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Dataset, Model
 
-from components.clinical_rf import clinical_rf_op
-from components.evaluate import evaluate_op
-from components.prepare import prepare_op
-from components.pretrain_image import pretrain_image_op
-from components.publish import publish_op
-from components.resample_alpha import resample_alpha_op
-from components.stage1 import stage1_op
-from components.stage2 import stage2_op
-from dfu_ml import __version__
+from components.clinical_rf import clinical_forest
+from components.common import code_version
+from components.evaluate import evaluate_folds
+from components.prepare import prepare_data
+from components.pretrain_image import pretrain_encoder
+from components.publish import bundle_model, publish_model
+from components.resample_alpha import make_fold_plan
+from components.stage1 import stage1_fusion
+from components.stage2 import stage2_finetune
 from dfu_ml.config import Config
+from dfu_ml.training.fold import FINAL_FIT
+from pipelines.acceptance import ExpectedPlacement
+from pipelines.run_parameters import MAIN
+from pipelines.settings import RuntimeSettings
 
-IMAGES_FILE = Path(__file__).resolve().parent.parent / "docker" / "images.json"
 PIPELINE_NAME = "dfu-kfp"
 S3_ENV = {"accesskey": "DFU_S3_ACCESS_KEY", "secretkey": "DFU_S3_SECRET_KEY"}
 
+DESCRIPTION = """DFU healing-phase classifier: staged fusion training with patient-grouped
+cross-validation, evaluation, a training-health verdict and publishing of blessed models.
 
-def component_images(path: Path = IMAGES_FILE) -> dict:
-    """Image references the components run in (pinned by ``docker/build.sh``)."""
-    default = {
-        "cpu": f"localhost/dfu-kfp-cpu:{__version__}",
-        "gpu": f"localhost/dfu-kfp-gpu:{__version__}",
-    }
-    if Path(path).is_file():
-        default.update(json.loads(Path(path).read_text()))
-    return default
+Stages (per cross-validation fold, then once more on all patients as the final fit):
+1. resolve run configuration: the run parameters over the compiled configuration.
+2. prepare data: crop every image modality's wound box, pack crops and clinical rows.
+3. split, resample, focal alpha: the fold's patients, resampled training rows, capped alphas.
+4. clinical random forest: out-of-fold probabilities for training visits.
+5. pre-train image encoder (per modality, GPU): equal alpha, early stopping on kappa.
+6. Stage 1 (GPU): fusion model, backbones frozen, learnable fusion weight.
+7. Stage 2 (GPU): fine-tune the top of the backbones; keep Stage 1 when it does not improve.
+8. evaluate folds: metrics per row and per visit, plots, the health verdict and the blessing.
+9. final fit on all patients with the folds' median best epochs, bundle the final model.
+10. publish the blessed model to models_uri (never overwriting a published model id)."""
 
 
-def resolve_config_op(
-    config_json: str,
-    code_version: str,
-    image_modalities: List[str],
-    use_metadata: bool,
-    cv_folds: int,
-    folds: List[int],
-    data_percentage: float,
-    image_size: int,
-    backbone: str,
-    pretrain_epochs: int,
-    stage1_epochs: int,
-    stage2_epochs: int,
-    pretrain_lr: float,
-    stage1_lr: float,
-    stage2_lr: float,
-    alpha_max_ratio: float,
-    seed: int,
-    profile: str,
-    models_uri: str,
-    config: Output[Dataset],
+class Outputs(NamedTuple):
+    """What the pipeline returns (the local runner reads these, as the KFP UI shows them)."""
+
+    summary: Dataset
+    final_model: Model
+
+
+# Components that run on the GPU node pool, and those that talk to object storage (the compiled
+# YAML is checked against these by pipelines/acceptance.py).
+GPU_COMPONENTS = frozenset({"pretrain-encoder", "stage1-fusion", "stage2-finetune"})
+STORAGE_COMPONENTS = frozenset({"prepare-data", "publish-model"})
+
+
+def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacement:
+    runtime = runtime or RuntimeSettings()
+    return ExpectedPlacement(
+        GPU_COMPONENTS, STORAGE_COMPONENTS, dict(runtime.gpu_node_selector), runtime.s3_secret_name
+    )
+
+
+class Steps:
+    """The pipeline's components, bound to their images (CPU or GPU)."""
+
+    def __init__(self, images: dict):
+        def component(func, image):
+            return dsl.component(func, base_image=image, install_kfp_package=False)
+
+        cpu, gpu = images["cpu"], images["gpu"]
+        self.resolve = component(MAIN.resolve_function(), cpu)
+        self.prepare = component(prepare_data, cpu)
+        self.plan = component(make_fold_plan, cpu)
+        self.forest = component(clinical_forest, cpu)
+        self.pretrain = component(pretrain_encoder, gpu)
+        self.stage1 = component(stage1_fusion, gpu)
+        self.stage2 = component(stage2_finetune, gpu)
+        self.evaluate = component(evaluate_folds, cpu)
+        self.bundle = component(bundle_model, cpu)
+        self.publish = component(publish_model, cpu)
+
+
+class Placement:
+    """Where a task runs on the cluster; locally (kfp.local honours none of it) nothing is set."""
+
+    def __init__(self, runtime: RuntimeSettings, local: bool = False):
+        self.runtime, self.local = runtime, local
+
+    def gpu(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
+        if self.local:
+            return task
+        runtime = self.runtime
+        task.set_accelerator_type(runtime.gpu_accelerator_type)
+        task.set_accelerator_limit(runtime.gpu_accelerator_limit)
+        for key, value in runtime.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        toleration = runtime.gpu_toleration
+        kubernetes.add_toleration(
+            task,
+            key=toleration.get("key"),
+            operator=toleration.get("operator", "Exists"),
+            value=toleration.get("value"),
+            effect=toleration.get("effect"),
+        )
+        return task
+
+    def storage(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
+        """Steps that talk to object storage: credentials from the secret, and retries."""
+        if self.local:
+            return task
+        runtime = self.runtime
+        kubernetes.use_secret_as_env(
+            task, secret_name=runtime.s3_secret_name, secret_key_to_env=S3_ENV
+        )
+        task.set_env_variable("DFU_S3_ENDPOINT", runtime.s3_endpoint)
+        task.set_env_variable("DFU_S3_SECURE", "true" if runtime.s3_secure else "false")
+        task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+        return task
+
+
+def train_fold(
+    steps: Steps,
+    place: Placement,
+    label: str,
+    prepared,
+    fold,
+    settings,
+    modalities,
+    image_run: bool,
+    final_fit=None,
 ):
-    """Overlay the run's parameters on the compiled configuration and validate it (the loops fan
-    out over the ``folds`` and ``image_modalities`` pipeline parameters themselves).
+    """One fold's chain (``label`` names its tasks in the UI: "fold" or "final fit").
 
-    ``code_version`` is not used here: it keys KFP's cache, so that results computed by other code
-    are never reused (every step depends on this step's output).
+    ``final_fit`` (the evaluation summary) fixes each stage's epochs. Returns the forest task
+    and, for image runs, the Stage 2 task.
     """
-    from dfu_ml.config import config_from_json
-    from dfu_ml.errors import ConfigError
-
-    base = config_from_json(config_json)
-    modalities = (["metadata"] if use_metadata else []) + list(image_modalities)
-    resolved = base.replace(
-        modalities=modalities,
-        cv_folds=cv_folds,
-        data_percentage=data_percentage,
-        image_size=image_size,
-        backbone=backbone,
-        pretrain_epochs=pretrain_epochs,
-        stage1_epochs=stage1_epochs,
-        stage2_epochs=stage2_epochs,
-        pretrain_lr=pretrain_lr,
-        stage1_lr=stage1_lr,
-        stage2_lr=stage2_lr,
-        alpha_max_ratio=alpha_max_ratio,
-        seed=seed,
-        profile=profile,
-        models_uri=models_uri,
-    )
-    if bool(resolved.image_modalities) != bool(base.image_modalities):
-        raise ConfigError(
-            f"modalities {resolved.modalities}: this pipeline was compiled for "
-            f"{base.modalities}; a metadata-only run and an image run are different DAGs, so "
-            "compile again with --set modalities=..."
+    fixed = {} if final_fit is None else {"final_fit": final_fit}
+    plan = steps.plan(prepared=prepared, fold=fold, config=settings)
+    plan.set_display_name(f"{label} · split, resample, focal alpha")
+    fold_plan = plan.outputs["fold_plan"]
+    forest = steps.forest(prepared=prepared, fold_plan=fold_plan, config=settings)
+    forest.set_display_name(f"{label} · clinical random forest")
+    if not image_run:
+        return forest, None
+    with dsl.ParallelFor(modalities, name=f"{label} · image modalities") as modality:
+        encoder = place.gpu(
+            steps.pretrain(
+                prepared=prepared, fold_plan=fold_plan, modality=modality, config=settings, **fixed
+            )
         )
-    outside = [f for f in folds if not 0 <= int(f) < resolved.cv_folds]
-    if outside or not folds:
-        raise ConfigError(
-            f"folds {list(folds)}: each fold must be in 0..{resolved.cv_folds - 1} "
-            f"(cv_folds={resolved.cv_folds}), and at least one is needed"
+        encoder.set_display_name(f"{label} · pre-train image encoder")
+    stage1 = place.gpu(
+        steps.stage1(
+            prepared=prepared,
+            fold_plan=fold_plan,
+            rf=forest.outputs["rf"],
+            encoders=dsl.Collected(encoder.outputs["encoder"]),
+            config=settings,
+            **fixed,
         )
-    with open(config.path, "w") as handle:
-        handle.write(resolved.to_json())
-
-
-def code_version() -> str:
-    """The package version plus a digest of the library, component and pipeline sources."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for folder in ("dfu_ml", "components", "pipelines"):
-        for path in sorted((root / folder).rglob("*")):
-            if path.suffix in (".py", ".yaml"):
-                digest.update(path.relative_to(root).as_posix().encode())
-                digest.update(path.read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:16]}"
-
-
-def _on_gpu(task: dsl.PipelineTask, config: Config) -> dsl.PipelineTask:
-    task.set_accelerator_type(config.gpu_accelerator_type)
-    task.set_accelerator_limit(config.gpu_accelerator_limit)
-    for key, value in config.gpu_node_selector.items():
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    toleration = config.gpu_toleration
-    kubernetes.add_toleration(
-        task,
-        key=toleration.get("key"),
-        operator=toleration.get("operator", "Exists"),
-        value=toleration.get("value"),
-        effect=toleration.get("effect"),
     )
-    return task
+    stage1.set_display_name(f"{label} · Stage 1, frozen backbones")
+    stage2 = place.gpu(
+        steps.stage2(
+            prepared=prepared,
+            fold_plan=fold_plan,
+            rf=forest.outputs["rf"],
+            stage1_model=stage1.outputs["model"],
+            config=settings,
+            **fixed,
+        )
+    )
+    stage2.set_display_name(f"{label} · Stage 2, fine-tune")
+    return forest, stage2
 
 
-def _with_storage(task: dsl.PipelineTask, config: Config) -> dsl.PipelineTask:
-    """Steps that talk to object storage: credentials from the secret, and retries."""
-    kubernetes.use_secret_as_env(task, secret_name=config.s3_secret_name, secret_key_to_env=S3_ENV)
-    task.set_env_variable("DFU_S3_ENDPOINT", config.s3_endpoint)
-    task.set_env_variable("DFU_S3_SECURE", "true" if config.s3_secure else "false")
-    task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-    return task
-
-
-def build_pipeline(config: Config, images: dict | None = None, local: bool = False):
-    """Return the pipeline function for ``config`` (its values become parameter defaults).
+def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local: bool = False):
+    """Return the pipeline function for ``config`` (its values become the parameter defaults).
 
     ``local`` leaves out what kfp.local cannot honour (secrets, GPU placement); the DAG is the same.
     """
-    images = images or component_images()
-    cpu, gpu = images["cpu"], images["gpu"]
-
-    def op(func, image):
-        return dsl.component(func, base_image=image, install_kfp_package=False)
-
-    prepare, resample, rf_step = (
-        op(prepare_op, cpu),
-        op(resample_alpha_op, cpu),
-        op(clinical_rf_op, cpu),
-    )
-    pretrain, stage1, stage2 = op(pretrain_image_op, gpu), op(stage1_op, gpu), op(stage2_op, gpu)
-    evaluate, publish = op(evaluate_op, cpu), op(publish_op, cpu)
-    resolve = op(resolve_config_op, cpu)
-    config_json = config.to_json()
+    runtime = runtime or RuntimeSettings()
+    steps, place = Steps(runtime.images), Placement(runtime, local)
+    config_json, version = config.to_json(), code_version()
     image_run = bool(config.image_modalities)
 
-    def gpu_step(task):
-        return task if local else _on_gpu(task, config)
-
-    def storage_step(task):
-        return task if local else _with_storage(task, config)
-
-    def train_fold(prepared, fold, settings, modalities, final_fit=None):
-        """The per-fold chain; ``final_fit`` (the evaluation summary) fixes each stage's epochs."""
-        fixed = {} if final_fit is None else {"final_fit": final_fit}
-        plan = resample(prepared=prepared, fold=fold, config=settings)
-        rf = rf_step(prepared=prepared, fold_plan=plan.outputs["fold_plan"], config=settings)
-        if not image_run:
-            return rf, None
-        with dsl.ParallelFor(modalities) as modality:
-            encoder = gpu_step(
-                pretrain(
-                    prepared=prepared,
-                    fold_plan=plan.outputs["fold_plan"],
-                    modality=modality,
-                    config=settings,
-                    **fixed,
-                )
-            )
-        s1 = gpu_step(
-            stage1(
-                prepared=prepared,
-                fold_plan=plan.outputs["fold_plan"],
-                rf=rf.outputs["rf"],
-                encoders=dsl.Collected(encoder.outputs["encoder"]),
-                config=settings,
-                **fixed,
-            )
-        )
-        s2 = gpu_step(
-            stage2(
-                prepared=prepared,
-                fold_plan=plan.outputs["fold_plan"],
-                rf=rf.outputs["rf"],
-                stage1_model=s1.outputs["model"],
-                config=settings,
-                **fixed,
-            )
-        )
-        return rf, s2
-
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="DFU healing-phase classifier: staged fusion "
-        "training with patient-grouped cross-validation, evaluation and publishing",
-    )
-    def dfu_pipeline(
-        data: str,
-        image_modalities: List[str] = list(config.image_modalities),
-        use_metadata: bool = config.uses_metadata,
-        cv_folds: int = config.cv_folds,
-        folds: List[int] = list(range(config.cv_folds)),
-        data_percentage: float = config.data_percentage,
-        image_size: int = config.image_size,
-        backbone: str = config.backbone,
-        pretrain_epochs: int = config.pretrain_epochs,
-        stage1_epochs: int = config.stage1_epochs,
-        stage2_epochs: int = config.stage2_epochs,
-        pretrain_lr: float = config.pretrain_lr,
-        stage1_lr: float = config.stage1_lr,
-        stage2_lr: float = config.stage2_lr,
-        alpha_max_ratio: float = config.alpha_max_ratio,
-        seed: int = config.seed,
-        profile: str = config.profile,
-        models_uri: str = config.models_uri,
-    ):
-        resolved = resolve(
+    def body(data, models_uri, image_modalities, **values) -> Outputs:
+        resolve = steps.resolve(
             config_json=config_json,
-            code_version=code_version(),
+            code_version=version,
             image_modalities=image_modalities,
-            use_metadata=use_metadata,
-            cv_folds=cv_folds,
-            folds=folds,
-            data_percentage=data_percentage,
-            image_size=image_size,
-            backbone=backbone,
-            pretrain_epochs=pretrain_epochs,
-            stage1_epochs=stage1_epochs,
-            stage2_epochs=stage2_epochs,
-            pretrain_lr=pretrain_lr,
-            stage1_lr=stage1_lr,
-            stage2_lr=stage2_lr,
-            alpha_max_ratio=alpha_max_ratio,
-            seed=seed,
-            profile=profile,
-            models_uri=models_uri,
+            **{p.name: values[p.name] for p in MAIN.resolved if p.name in values},
         )
-        settings = resolved.outputs["config"]
-        prepared = storage_step(prepare(data=data, config=settings))
-        dataset = prepared.outputs["prepared"]
-        with dsl.ParallelFor(folds) as fold:
-            rf, s2 = train_fold(dataset, fold, settings, image_modalities)
-        fold_results = dsl.Collected((s2 or rf).outputs["model" if s2 else "rf"])
-        evaluation = evaluate(fold_results=fold_results, config=settings)
-        final_rf, final_s2 = train_fold(
-            dataset, -1, settings, image_modalities, evaluation.outputs["summary"]
-        )
-        extra = {"model": final_s2.outputs["model"]} if final_s2 is not None else {}
-        storage_step(
-            publish(
-                rf=final_rf.outputs["rf"],
-                summary=evaluation.outputs["summary"],
-                config=settings,
-                models_uri=models_uri,
-                data=data,
-                **extra,
+        resolve.set_display_name("resolve run configuration")
+        settings = resolve.outputs["config"]
+        prepare = place.storage(steps.prepare(data=data, config=settings))
+        prepare.set_display_name("prepare data")
+        dataset = prepare.outputs["prepared"]
+        with dsl.ParallelFor(resolve.outputs["Output"], name="cross-validation folds") as fold:
+            forest, stage2 = train_fold(
+                steps, place, "fold", dataset, fold, settings, image_modalities, image_run
             )
+        evaluation = steps.evaluate(
+            fold_results=dsl.Collected(
+                stage2.outputs["model"] if image_run else forest.outputs["rf"]
+            ),
+            config=settings,
         )
+        evaluation.set_display_name("evaluate folds · health verdict")
+        summary = evaluation.outputs["summary"]
+        final_forest, final_stage2 = train_fold(
+            steps,
+            place,
+            "final fit",
+            dataset,
+            FINAL_FIT,
+            settings,
+            image_modalities,
+            image_run,
+            final_fit=summary,
+        )
+        bundle = steps.bundle(
+            rf=final_forest.outputs["rf"],
+            summary=summary,
+            config=settings,
+            data=data,
+            data_digest=prepare.outputs["Output"],
+            code_version=version,
+            **({"model": final_stage2.outputs["model"]} if image_run else {}),
+        )
+        bundle.set_display_name("bundle final model")
+        with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):
+            publish = place.storage(
+                steps.publish(final_model=bundle.outputs["final_model"], models_uri=models_uri)
+            )
+            publish.set_display_name("publish blessed model")
+        return Outputs(summary=summary, final_model=bundle.outputs["final_model"])
 
-    return dfu_pipeline
+    function = MAIN.pipeline_function(body, PIPELINE_NAME, DESCRIPTION, config, runtime)
+    function.__signature__ = function.__signature__.replace(return_annotation=Outputs)
+    return dsl.pipeline(name=PIPELINE_NAME, display_name="dfu-kfp: DFU healing phase")(function)
 
 
-def compile_pipeline(config: Config, output: Path, images: dict | None = None) -> Path:
+def compile_pipeline(config: Config, output: Path, runtime: RuntimeSettings | None = None) -> Path:
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(config, images), str(output))
+    compiler.Compiler().compile(build_pipeline(config, runtime), str(output))
     return Path(output)

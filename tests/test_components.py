@@ -189,6 +189,8 @@ def test_the_steps_chain_on_tiny_inputs_through_their_clis(tiny):
             root / "eval",
             "--model",
             root / "s2",
+            "--prepared",
+            root / "prepared",
             "--out",
             root / "bundle",
             "--config",

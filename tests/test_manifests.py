@@ -82,9 +82,26 @@ def test_kustomizations_resolve():
 
 def test_overlay_sets_namespace_and_base_does_not():
     (dev,) = _docs(MANIFESTS / "overlays" / "dev" / "kustomization.yaml")
-    assert dev.get("namespace") in ("kubeflow", "dfu-kfp")
+    assert dev.get("namespace") == "dfu-kfp-dev"
     for (kind, name), obj in _base_objects().items():
         assert "namespace" not in obj["metadata"], f"{kind}/{name} hard-codes a namespace"
+
+
+def test_dev_overlay_owns_its_namespace_and_patches_only_its_launcher_configmap():
+    """The dev overlay must not replace the kfp-launcher ConfigMap of a namespace it does not
+    own (standalone KFP's `kubeflow`): it creates its namespace and patches its own copy."""
+    overlay = MANIFESTS / "overlays" / "dev"
+    (dev,) = _docs(overlay / "kustomization.yaml")
+    created = [d for f in _resolve(overlay / "kustomization.yaml") for d in _docs(f)]
+    assert {"kind": "Namespace", "name": dev["namespace"]} in [
+        {"kind": d["kind"], "name": d["metadata"]["name"]} for d in created
+    ]
+    assert dev["namespace"] != "kubeflow"
+    (patch,) = dev["patches"]
+    assert patch["target"] == {"kind": "ConfigMap", "name": "kfp-launcher"}
+    (op,) = yaml.safe_load(patch["patch"])
+    assert op["path"] == "/data/defaultPipelineRoot"
+    assert op["value"].endswith("/" + dev["namespace"])
 
 
 @pytest.mark.parametrize(

@@ -325,3 +325,21 @@ def load_prepared(path: Path) -> PreparedDataset:
                 ]
         images = {m: data[f"images_{m}"] for m in meta["modalities"]}
     return PreparedDataset(visits=visits, sets=sets, images=images, meta=meta)
+
+
+def content_digest(dataset: PreparedDataset) -> str:
+    """SHA-256 of what training reads from a prepared dataset (tables, crops, crop settings), not
+    of where it came from: the same data behind another URI gives the same digest, other data
+    behind the same URI another one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    settings = {k: dataset.meta[k] for k in ("image_size", "modalities", "crop_margins")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(dataset.visits.to_csv(index=False).encode())
+    digest.update(dataset.sets.to_csv(index=False).encode())
+    for modality in sorted(dataset.images):
+        array = np.ascontiguousarray(dataset.images[modality])
+        digest.update(f"{modality}{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
