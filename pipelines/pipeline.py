@@ -257,5 +257,6 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
 def compile_pipeline(config: Config, output: Path, runtime: RuntimeSettings | None = None) -> Path:
     from kfp import compiler
 
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(config, runtime), str(output))
     return Path(output)

@@ -144,3 +144,26 @@ def test_predict_into_a_folder_is_a_clean_error(tmp_path, capsys):
         == 2
     )
     assert "is a folder; give the path of the CSV file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["synth", "--out", "{tmp}/s", "--patients", "0"], "patients=0"),
+        (["synth", "--out", "{tmp}/s", "--image-scale", "-1"], "image_scale=-1.0"),
+        (["synth", "--out", "/proc/no-such-dir/s", "--patients", "1"], "/proc/no-such-dir"),
+        (["synth", "--from-real", "{tmp}/none", "--out", "{tmp}/s"], "clinical CSV not found"),
+        (["compile", "--config", "nope", "--output", "{tmp}/p.yaml"], "config 'nope'"),
+        (["compile", "--set", "images=[1]", "--output", "{tmp}/p.yaml"], "'images'"),
+        (["check", "{tmp}/none.yaml"], "no such pipeline file"),
+        (["predict", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/p.csv"], "no manifest"),
+        (["run", "--set", "no_such_key=1", "--out", "{tmp}/o"], "unknown config key 'no_such_key'"),
+    ],
+)
+def test_every_entry_point_gives_one_error_line(tmp_path, capsys, argv, message):
+    from pipelines.cli import main
+
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0]

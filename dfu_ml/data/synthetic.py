@@ -22,6 +22,7 @@ from PIL import Image
 
 from dfu_ml.data import schema
 from dfu_ml.data.reading import format_image_name, parse_image_name, read_boxes, read_clinical
+from dfu_ml.errors import ConfigError
 
 CLASS_MIX = (0.31, 0.557, 0.133)  # I, P, R of the real 890 visits
 ANGLE_VIEWS = ("LW", "MW", "RW", "MZ")
@@ -346,6 +347,21 @@ def _random_box(rng, frame: tuple[int, int], scale: float, others: list[tuple]) 
     return box
 
 
+MIN_PATIENTS = 1
+
+
+def _check_settings(seed: int, image_scale: float, patients: int | None = None) -> None:
+    """Bad generator settings are errors naming the setting, before anything is written."""
+    if patients is not None and patients < MIN_PATIENTS:
+        raise ConfigError(
+            f"patients={patients}: a synthetic dataset needs at least {MIN_PATIENTS} patients"
+        )
+    if not 0 < image_scale <= 1:
+        raise ConfigError(f"image_scale={image_scale}: give a frame scale in (0, 1]")
+    if seed < 0:
+        raise ConfigError(f"seed={seed}: give a non-negative seed")
+
+
 def generate_synthetic_dataset(
     out: Path,
     patients: int = 40,
@@ -355,6 +371,7 @@ def generate_synthetic_dataset(
     image_signal: float = 1.5,
 ) -> dict:
     """Write a complete synthetic dataset into ``out``; return a summary of what was written."""
+    _check_settings(patients=patients, seed=seed, image_scale=image_scale)
     rng = np.random.default_rng(seed)
     out = Path(out)
     for folder in schema.MODALITY_FOLDERS.values():
@@ -448,6 +465,7 @@ def _scale_box_csv(source: Path, target: Path, scale: float) -> None:
 
 def render_from_real(real_dir: Path, out: Path, image_scale: float = 1.0, seed: int = 0) -> dict:
     """Copy a real dataset's CSVs into ``out`` and render all four modalities for every box."""
+    _check_settings(seed=seed, image_scale=image_scale)
     real_dir, out = Path(real_dir), Path(out)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
