@@ -504,9 +504,7 @@ def _put_marker(client: Minio, bucket: str, marker_key: str, files: list[tuple[s
         os.unlink(out.name)
 
 
-def tree_is_complete(
-    uri_or_path: str | os.PathLike, *, settings: S3Settings | None = None
-) -> bool:
+def tree_is_complete(uri_or_path: str | os.PathLike, *, settings: S3Settings | None = None) -> bool:
     """True when a complete tree is at ``uri_or_path``: an S3 prefix with its ``_SUCCESS``
     marker, or a local folder (local trees are published by one rename, so any is complete)."""
     if not is_s3_uri(uri_or_path):

@@ -14,6 +14,8 @@ from dfu_ml.training.models import (
     IMAGE_CLASSIFIER,
     OUTPUT_LAYER,
     RF_INPUT,
+    EncoderSpec,
+    FusionSpec,
     LearnableFusionWeight,
     backbone_name,
     build_backbone,
@@ -52,6 +54,12 @@ def inputs_for(modalities, n, metadata=True, seed=0):
     return x
 
 
+def tiny_fusion(modalities, metadata=True, backbone="small_cnn", weights="none", **fusion_args):
+    """A fusion model of 8-d encoders at SIZE px."""
+    encoder = EncoderSpec(SIZE, backbone, weights, feature_dim=8)
+    return build_fusion_model(FusionSpec(tuple(modalities), encoder, metadata, **fusion_args))
+
+
 def weights_equal(a, b):
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
@@ -60,7 +68,7 @@ def weights_equal(a, b):
 @pytest.mark.parametrize("metadata", [True, False])
 def test_build_fusion_model(modalities, metadata):
     keras.utils.set_random_seed(0)
-    model = build_fusion_model(modalities, SIZE, use_metadata=metadata, feature_dim=8)
+    model = tiny_fusion(modalities, metadata)
     names = {t.name for t in model.inputs}
     assert {image_input_name(m) for m in modalities} <= names
     assert (RF_INPUT in names) == metadata
@@ -89,13 +97,13 @@ def test_build_fusion_model(modalities, metadata):
 
 def test_fusion_model_needs_an_image_modality():
     with pytest.raises(ValueError, match="image modality"):
-        build_fusion_model([], SIZE)
+        tiny_fusion([])
 
 
 def test_backbone_trains_inside_the_fusion_model():
     """A gradient step moves the backbone's weights (a Lambda-wrapped backbone would not)."""
     keras.utils.set_random_seed(0)
-    model = build_fusion_model(["depth_rgb"], SIZE, feature_dim=8)
+    model = tiny_fusion(["depth_rgb"])
     backbone = model.get_layer(encoder_name("depth_rgb")).get_layer(backbone_name("depth_rgb"))
     before = [np.array(w) for w in backbone.get_weights()]
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
@@ -132,7 +140,7 @@ def test_fusion_weight_moves_in_training_only_when_learnable():
     moved = {}
     for learnable in (True, False):
         keras.utils.set_random_seed(0)
-        model = build_fusion_model(["depth_rgb"], SIZE, feature_dim=8, learnable_fusion=learnable)
+        model = tiny_fusion(["depth_rgb"], learnable_fusion=learnable)
         model.compile(optimizer=keras.optimizers.Adam(0.05), loss="categorical_crossentropy")
         model.fit(x, y, epochs=2, batch_size=8, verbose=0)
         moved[learnable] = abs(model.get_layer(FUSION_LAYER).rf_weight() - 0.7)
@@ -142,7 +150,7 @@ def test_fusion_weight_moves_in_training_only_when_learnable():
 
 def test_fusion_model_round_trips_through_keras_file(tmp_path):
     keras.utils.set_random_seed(0)
-    model = build_fusion_model(["depth_rgb", "thermal_map"], SIZE, feature_dim=8, rf_weight=0.7)
+    model = tiny_fusion(["depth_rgb", "thermal_map"], rf_weight=0.7)
     model.get_layer(FUSION_LAYER).logit.assign(0.3)  # a learned value, not the initial one
     path = tmp_path / "fusion.keras"
     model.save(path)
@@ -173,7 +181,7 @@ def test_application_backbone_builds_offline_and_takes_raw_pixels(name):
     """weights='none' builds without a download at 32 px; the backbone takes raw [0, 255] pixels
     and preprocesses them itself, exactly as the application's preprocess_input would."""
     keras.utils.set_random_seed(0)
-    backbone = build_backbone(name, SIZE, "none", "depth_rgb_backbone")
+    backbone = build_backbone(EncoderSpec(SIZE, name), "depth_rgb_backbone")
     assert isinstance(backbone, keras.Model) and backbone.name == "depth_rgb_backbone"
     assert not [l for l in all_layers(backbone) if isinstance(l, layers.Lambda)]
     module_name, factory_name = APPLICATION_MODULES[name]
@@ -192,16 +200,18 @@ def test_application_backbone_builds_offline_and_takes_raw_pixels(name):
 @pytest.mark.parametrize("backbone", ["small_cnn", "MobileNetV3Small"])
 def test_backbone_weights_from_a_local_file(tmp_path, backbone):
     keras.utils.set_random_seed(1)
-    source = build_backbone(backbone, SIZE, "none", "source")
+    source = build_backbone(EncoderSpec(SIZE, backbone), "source")
     path = tmp_path / "backbone.weights.h5"
     source.save_weights(path)
     keras.utils.set_random_seed(2)  # a different initialisation...
-    fresh = build_backbone(backbone, SIZE, "none", "depth_rgb_backbone")
+    fresh = build_backbone(EncoderSpec(SIZE, backbone), "depth_rgb_backbone")
     assert not weights_equal(source.get_weights(), fresh.get_weights())
-    loaded = build_backbone(backbone, SIZE, str(path), "depth_rgb_backbone")
+    loaded = build_backbone(EncoderSpec(SIZE, backbone, str(path)), "depth_rgb_backbone")
     assert weights_equal(source.get_weights(), loaded.get_weights())  # ...replaced by the file
     # And through the encoder / fusion model that pass the path down.
-    encoder = build_image_encoder("depth_rgb", SIZE, backbone, str(path), feature_dim=8)
+    encoder = build_image_encoder(
+        "depth_rgb", EncoderSpec(SIZE, backbone, str(path), feature_dim=8)
+    )
     assert weights_equal(
         source.get_weights(), encoder.get_layer(backbone_name("depth_rgb")).get_weights()
     )
@@ -209,7 +219,7 @@ def test_backbone_weights_from_a_local_file(tmp_path, backbone):
 
 def test_backbone_weights_file_missing():
     with pytest.raises(FileNotFoundError, match="backbone_weights"):
-        build_backbone("small_cnn", SIZE, "/nonexistent/w.weights.h5", "b")
+        build_backbone(EncoderSpec(SIZE, "small_cnn", "/nonexistent/w.weights.h5"), "b")
 
 
 # ------------------------------------------------------------------------ encoder artifact
@@ -217,7 +227,7 @@ def test_backbone_weights_file_missing():
 
 def test_encoder_artifact_excludes_output_and_loads_into_fusion(tmp_path):
     keras.utils.set_random_seed(3)
-    encoder = build_image_encoder("thermal_map", SIZE, feature_dim=8)
+    encoder = build_image_encoder("thermal_map", EncoderSpec(SIZE, feature_dim=8))
     image_model = build_image_model(encoder, "thermal_map")
     assert image_model.get_layer(OUTPUT_LAYER)
     save_encoder(
@@ -230,7 +240,7 @@ def test_encoder_artifact_excludes_output_and_loads_into_fusion(tmp_path):
     assert saved.output_shape[-1] == 8  # features, not class probabilities
 
     keras.utils.set_random_seed(4)
-    fusion = build_fusion_model(["depth_rgb", "thermal_map"], SIZE, feature_dim=8)
+    fusion = tiny_fusion(["depth_rgb", "thermal_map"])
     target = fusion.get_layer(encoder_name("thermal_map"))
     other = fusion.get_layer(encoder_name("depth_rgb"))
     other_before = [np.array(w) for w in other.get_weights()]
@@ -253,7 +263,7 @@ def trainable_size(model):
 
 def test_count_trainable_params_and_backbone_freezing():
     keras.utils.set_random_seed(0)
-    model = build_fusion_model(["depth_rgb", "thermal_map"], SIZE, feature_dim=8)
+    model = tiny_fusion(["depth_rgb", "thermal_map"])
     total = count_trainable_params(model)
     assert total == trainable_size(model) > 0
     backbone_params = sum(
@@ -274,7 +284,7 @@ def test_count_trainable_params_and_backbone_freezing():
 )
 def test_unfreeze_top_of_backbones(backbone, fraction):
     keras.utils.set_random_seed(0)
-    model = build_fusion_model(["depth_rgb"], SIZE, backbone=backbone, feature_dim=8)
+    model = tiny_fusion(["depth_rgb"], backbone=backbone)
     set_backbone_trainable(model, ["depth_rgb"], False)
     frozen = count_trainable_params(model)
     unfreeze_top_of_backbones(model, ["depth_rgb"], fraction)
@@ -297,7 +307,7 @@ def test_unfreeze_top_of_backbones(backbone, fraction):
 
 def test_unfreeze_fraction_zero_keeps_backbone_frozen():
     keras.utils.set_random_seed(0)
-    model = build_fusion_model(["depth_rgb"], SIZE, feature_dim=8)
+    model = tiny_fusion(["depth_rgb"])
     set_backbone_trainable(model, ["depth_rgb"], False)
     frozen = count_trainable_params(model)
     unfreeze_top_of_backbones(model, ["depth_rgb"], 0.0)

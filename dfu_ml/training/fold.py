@@ -28,6 +28,7 @@ from dfu_ml.training.resampling import (
     resample_indices,
 )
 from dfu_ml.training.stages import (
+    StageData,
     encoder_of,
     pretrain_image_encoder,
     train_stage1,
@@ -168,34 +169,22 @@ def _labels(rows: pd.DataFrame, idx) -> np.ndarray:
     return rows["label"].to_numpy()[np.asarray(idx, dtype=int)]
 
 
-def _stage_data(dataset, config, plan, rf_proba, modalities=None) -> tuple:
-    """(x_train, y_train, x_val, y_val) for a stage: resampled training rows and validation rows;
-    the validation pair is None for the final fit."""
+def stage_data(dataset, config, plan, rf_proba, modalities=None) -> StageData:
+    """A stage's arrays: resampled training rows and validation rows (none for the final fit)."""
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
     x_train = model_inputs(dataset, config, rows, train, rf_proba, modalities)
     if not val:
-        return x_train, _labels(rows, train), None, None
+        return StageData(x_train, _labels(rows, train))
     x_val = model_inputs(dataset, config, rows, val, rf_proba, modalities)
-    return x_train, _labels(rows, train), x_val, _labels(rows, val)
+    return StageData(x_train, _labels(rows, train), x_val, _labels(rows, val))
 
 
 def run_pretrain(
     dataset, config, plan, modality, out_dir: Path | None = None, epochs=None, log=print
 ):
-    x_train, y_train, x_val, y_val = _stage_data(dataset, config, plan, None, [modality])
-    name = models.image_input_name(modality)
-    result = pretrain_image_encoder(
-        modality,
-        x_train[name],
-        y_train,
-        None if x_val is None else x_val[name],
-        y_val,
-        config,
-        plan["alpha_pretrain"],
-        epochs,
-        log,
-    )
+    data = stage_data(dataset, config, plan, None, [modality])
+    result = pretrain_image_encoder(modality, data, config, plan["alpha_pretrain"], epochs, log)
     if out_dir is not None:
         models.save_encoder(
             encoder_of(result.model, modality),
@@ -213,13 +202,13 @@ def run_pretrain(
 
 
 def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
-    data = _stage_data(dataset, config, plan, rf_proba)
-    return train_stage1(*data, config, plan["alpha_fusion"], encoder_dirs, epochs, log)
+    data = stage_data(dataset, config, plan, rf_proba)
+    return train_stage1(data, config, plan["alpha_fusion"], encoder_dirs, epochs, log)
 
 
 def run_stage2(dataset, config, plan, rf_proba, stage1, epochs=None, log=print):
-    data = _stage_data(dataset, config, plan, rf_proba)
-    return train_stage2(stage1, *data, config, plan["alpha_fusion"], epochs, log)
+    data = stage_data(dataset, config, plan, rf_proba)
+    return train_stage2(stage1, data, config, plan["alpha_fusion"], epochs, log)
 
 
 def fold_predictions(dataset, config, plan, rf_proba, proba=None) -> dict:

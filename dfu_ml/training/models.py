@@ -9,6 +9,7 @@ themselves, and the small CNN rescales in its first layer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -31,6 +32,52 @@ APPLICATIONS = {
     "DenseNet121": "densenet.DenseNet121",
     "MobileNetV3Small": "MobileNetV3Small",
 }
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How an image encoder is built: backbone, crop size, initial weights and head.
+
+    The fields are the training configuration's keys of the same meaning (``image_size``,
+    ``backbone``, ``backbone_weights``, ``feature_dim``, ``dropout``).
+    """
+
+    image_size: int
+    backbone: str = "small_cnn"
+    weights: str = "none"  # none | imagenet | path to a local weights file
+    feature_dim: int = 64
+    dropout: float = 0.3
+
+    @classmethod
+    def from_config(cls, config) -> EncoderSpec:
+        return cls(
+            image_size=config.image_size,
+            backbone=config.backbone,
+            weights=config.backbone_weights,
+            feature_dim=config.feature_dim,
+            dropout=config.dropout,
+        )
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """How the fusion model is built: its image modalities, their encoders and the fusion."""
+
+    modalities: tuple[str, ...]
+    encoder: EncoderSpec
+    use_metadata: bool = True
+    rf_weight: float = 0.7  # initial w_rf of the learnable fusion (RC5)
+    learnable_fusion: bool = True
+
+    @classmethod
+    def from_config(cls, config) -> FusionSpec:
+        return cls(
+            modalities=tuple(config.image_modalities),
+            encoder=EncoderSpec.from_config(config),
+            use_metadata=config.uses_metadata,
+            rf_weight=config.fusion_rf_weight,
+            learnable_fusion=config.fusion_learnable,
+        )
 
 
 def image_input_name(modality: str) -> str:
@@ -60,12 +107,13 @@ def _small_cnn(image_size: int, name: str) -> keras.Model:
     return keras.Model(inputs, x, name=name)
 
 
-def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> keras.Model:
+def build_backbone(spec: EncoderSpec, name: str) -> keras.Model:
     """A backbone sub-model that maps raw [0, 255] images to a pooled feature vector.
 
-    ``weights`` is ``none``, ``imagenet`` (needs the weights in the Keras cache: nothing is
+    ``spec.weights`` is ``none``, ``imagenet`` (needs the weights in the Keras cache: nothing is
     downloaded on our clusters) or a path to a local ``.h5``/``.weights.h5`` file.
     """
+    backbone, image_size, weights = spec.backbone, spec.image_size, spec.weights
     if backbone == "small_cnn":
         model = _small_cnn(image_size, name)
     else:
@@ -100,19 +148,13 @@ def build_backbone(backbone: str, image_size: int, weights: str, name: str) -> k
     return model
 
 
-def build_image_encoder(
-    modality: str,
-    image_size: int,
-    backbone: str = "small_cnn",
-    weights: str = "none",
-    feature_dim: int = 64,
-    dropout: float = 0.3,
-) -> keras.Model:
+def build_image_encoder(modality: str, spec: EncoderSpec) -> keras.Model:
     """Image encoder for one modality: backbone sub-model + a head to a feature vector."""
-    inputs = keras.Input((image_size, image_size, 3), name=image_input_name(modality))
-    features = build_backbone(backbone, image_size, weights, backbone_name(modality))(inputs)
-    x = layers.Dense(feature_dim, activation="relu", name=f"{modality}_features")(features)
-    x = layers.Dropout(dropout, name=f"{modality}_dropout")(x)
+    size = spec.image_size
+    inputs = keras.Input((size, size, 3), name=image_input_name(modality))
+    features = build_backbone(spec, backbone_name(modality))(inputs)
+    x = layers.Dense(spec.feature_dim, activation="relu", name=f"{modality}_features")(features)
+    x = layers.Dropout(spec.dropout, name=f"{modality}_dropout")(x)
     return keras.Model(inputs, x, name=encoder_name(modality))
 
 
@@ -162,22 +204,13 @@ class LearnableFusionWeight(layers.Layer):
         }
 
 
-def build_fusion_model(
-    modalities: list[str],
-    image_size: int,
-    use_metadata: bool = True,
-    backbone: str = "small_cnn",
-    weights: str = "none",
-    feature_dim: int = 64,
-    dropout: float = 0.3,
-    rf_weight: float = 0.7,
-    learnable_fusion: bool = True,
-) -> keras.Model:
+def build_fusion_model(spec: FusionSpec) -> keras.Model:
     """Fusion of RF probabilities with 1..4 image modalities (or image-only without metadata).
 
     Image features (concatenated and projected when several) -> ``image_classifier`` Dense(3)
     -> :class:`LearnableFusionWeight` with the RF probabilities.
     """
+    modalities, size = spec.modalities, spec.encoder.image_size
     if not modalities:
         raise ValueError(
             "the fusion model needs at least one image modality; a metadata-only "
@@ -185,24 +218,21 @@ def build_fusion_model(
         )
     inputs, features = {}, []
     for modality in modalities:
-        inputs[image_input_name(modality)] = keras.Input(
-            (image_size, image_size, 3), name=image_input_name(modality)
-        )
-        encoder = build_image_encoder(modality, image_size, backbone, weights, feature_dim, dropout)
-        features.append(encoder(inputs[image_input_name(modality)]))
+        name = image_input_name(modality)
+        inputs[name] = keras.Input((size, size, 3), name=name)
+        features.append(build_image_encoder(modality, spec.encoder)(inputs[name]))
     if len(features) > 1:
         x = layers.Concatenate(name="image_features")(features)
-        x = layers.Dense(feature_dim, activation="relu", name="image_projection")(x)
+        x = layers.Dense(spec.encoder.feature_dim, activation="relu", name="image_projection")(x)
     else:
         x = features[0]
     image_probs = layers.Dense(NUM_CLASSES, activation="softmax", name=IMAGE_CLASSIFIER)(x)
-    if not use_metadata:
+    if not spec.use_metadata:
         outputs = layers.Activation("linear", name=OUTPUT_LAYER)(image_probs)
     else:
         inputs[RF_INPUT] = keras.Input((NUM_CLASSES,), name=RF_INPUT)
-        outputs = LearnableFusionWeight(rf_weight, learnable_fusion, name=FUSION_LAYER)(
-            [inputs[RF_INPUT], image_probs]
-        )
+        fusion = LearnableFusionWeight(spec.rf_weight, spec.learnable_fusion, name=FUSION_LAYER)
+        outputs = fusion([inputs[RF_INPUT], image_probs])
     return keras.Model(inputs, outputs, name="dfu_fusion")
 
 

@@ -143,46 +143,80 @@ class EpochLog(keras.callbacks.Callback):
         )
 
 
+@dataclass(frozen=True)
+class StageData:
+    """A stage's arrays: training inputs (by model input name) and labels, and the validation
+    pair (``None`` for the final fit, which has no validation rows)."""
+
+    x_train: dict
+    y_train: np.ndarray
+    x_val: dict | None = None
+    y_val: np.ndarray | None = None
+
+    @property
+    def has_val(self) -> bool:
+        return self.y_val is not None and len(self.y_val) > 0
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How one stage trains (the training configuration's keys for that stage)."""
+
+    learning_rate: float
+    epochs: int
+    batch_size: int = 32
+    clip_batch_size: bool = True  # RC6: keep several updates per epoch
+    min_steps_per_epoch: int = 3
+    focal_gamma: float = 2.0
+    patience: int = 5
+
+    @classmethod
+    def for_stage(cls, config: Config, stage: str, epochs: int | None = None) -> FitSettings:
+        """``stage`` is ``pretrain``, ``stage1`` or ``stage2``; ``epochs`` overrides the config's
+        maximum (the final fit's fixed count)."""
+        return cls(
+            learning_rate=getattr(config, f"{stage}_lr"),
+            epochs=epochs or getattr(config, f"{stage}_epochs"),
+            batch_size=config.batch_size,
+            clip_batch_size=config.clip_batch_size,
+            min_steps_per_epoch=config.health_min_steps_per_epoch,
+            focal_gamma=config.focal_gamma,
+            patience=config.early_stopping_patience,
+        )
+
+
 def _fit(
-    stage: str,
-    model: keras.Model,
-    x_train: dict,
-    y_train: np.ndarray,
-    x_val: dict | None,
-    y_val: np.ndarray | None,
-    alpha,
-    learning_rate: float,
-    epochs: int,
-    config: Config,
-    log: Log,
+    stage: str, model: keras.Model, data: StageData, alpha, settings: FitSettings, log: Log
 ) -> StageResult:
     start = time.time()
-    train_rows = len(y_train)
+    train_rows = len(data.y_train)
     batch = effective_batch_size(
-        train_rows, config.batch_size, config.health_min_steps_per_epoch, config.clip_batch_size
+        train_rows, settings.batch_size, settings.min_steps_per_epoch, settings.clip_batch_size
     )
     steps = math.ceil(train_rows / batch)
+    epochs = settings.epochs
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.CategoricalFocalCrossentropy(alpha=list(alpha), gamma=config.focal_gamma),
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=keras.losses.CategoricalFocalCrossentropy(
+            alpha=list(alpha), gamma=settings.focal_gamma
+        ),
     )
     params = models.count_trainable_params(model)
     log(
         f"{stage}: {train_rows} training rows, batch {batch}, {steps} steps/epoch, "
-        f"{params:,} trainable parameters, lr {learning_rate:g}, alpha "
+        f"{params:,} trainable parameters, lr {settings.learning_rate:g}, alpha "
         f"[{', '.join(f'{a:.3f}' for a in alpha)}]"
     )
-    has_val = y_val is not None and len(y_val) > 0
-    if has_val:
+    if data.has_val:
         kappa = ValidationKappa(
-            x_val, y_val, batch_size=max(batch, 64), stage=stage, log=log, epochs=epochs
+            data.x_val, data.y_val, batch_size=max(batch, 64), stage=stage, log=log, epochs=epochs
         )
         callbacks = [
             kappa,
             keras.callbacks.EarlyStopping(
                 monitor=KAPPA,
                 mode="max",
-                patience=config.early_stopping_patience,
+                patience=settings.patience,
                 restore_best_weights=True,
                 verbose=0,
             ),
@@ -190,8 +224,8 @@ def _fit(
     else:
         callbacks = [EpochLog(stage, log, epochs)]
     fitted = model.fit(
-        x_train,
-        one_hot(y_train),
+        data.x_train,
+        one_hot(data.y_train),
         batch_size=batch,
         epochs=epochs,
         shuffle=True,
@@ -200,7 +234,7 @@ def _fit(
     )
     history = {k: [float(v) for v in values] for k, values in fitted.history.items()}
     epochs_run = len(history.get("loss", []))
-    if has_val:
+    if data.has_val:
         # Keras restores the best epoch's weights at the end of fit (first maximum wins, as
         # EarlyStopping only moves on a strict improvement): read it from the history.
         best_epoch = int(np.argmax(history[KAPPA])) + 1
@@ -210,18 +244,18 @@ def _fit(
         best_epoch, best_kappa, rows_scored = epochs_run, float("nan"), 0
     log(f"{stage}: best epoch {best_epoch} of {epochs_run}, {KAPPA} {best_kappa:.4f}")
     return StageResult(
-        stage,
-        model,
-        history,
-        best_epoch,
-        best_kappa,
-        params,
-        batch,
-        steps,
-        train_rows,
-        rows_scored,
-        epochs_run,
-        time.time() - start,
+        stage=stage,
+        model=model,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_kappa=best_kappa,
+        trainable_params=params,
+        batch_size=batch,
+        steps_per_epoch=steps,
+        train_rows=train_rows,
+        val_rows_scored=rows_scored,
+        epochs_run=epochs_run,
+        seconds=time.time() - start,
     )
 
 
@@ -231,43 +265,21 @@ def _print(message: str) -> None:
 
 def pretrain_image_encoder(
     modality: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray | None,
-    y_val: np.ndarray | None,
+    data: StageData,
     config: Config,
     alpha=(1.0, 1.0, 1.0),
     epochs: int | None = None,
     log: Log = _print,
 ) -> StageResult:
     """Pre-train one modality's image encoder as a standalone image model (RC1: equal alpha by
-    default, low learning rate, kappa-monitored). ``result.model`` is the image model;
-    :func:`encoder_of` gives its encoder (everything but the ``output`` layer)."""
+    default, low learning rate, kappa-monitored). ``data`` holds that modality's images only.
+    ``result.model`` is the image model; :func:`encoder_of` gives its encoder (everything but the
+    ``output`` layer)."""
     keras.utils.set_random_seed(config.seed)
-    encoder = models.build_image_encoder(
-        modality,
-        config.image_size,
-        config.backbone,
-        config.backbone_weights,
-        config.feature_dim,
-        config.dropout,
-    )
+    encoder = models.build_image_encoder(modality, models.EncoderSpec.from_config(config))
     model = models.build_image_model(encoder, modality)
-    name = models.image_input_name(modality)
-    x_val_dict = None if x_val is None else {name: np.asarray(x_val, "float32")}
-    return _fit(
-        f"pretrain[{modality}]",
-        model,
-        {name: np.asarray(x_train, "float32")},
-        y_train,
-        x_val_dict,
-        y_val,
-        alpha,
-        config.pretrain_lr,
-        epochs or config.pretrain_epochs,
-        config,
-        log,
-    )
+    settings = FitSettings.for_stage(config, "pretrain", epochs)
+    return _fit(f"pretrain[{modality}]", model, data, alpha, settings, log)
 
 
 def encoder_of(image_model: keras.Model, modality: str) -> keras.Model:
@@ -275,24 +287,11 @@ def encoder_of(image_model: keras.Model, modality: str) -> keras.Model:
 
 
 def build_fusion_for(config: Config) -> keras.Model:
-    return models.build_fusion_model(
-        config.image_modalities,
-        config.image_size,
-        config.uses_metadata,
-        config.backbone,
-        config.backbone_weights,
-        config.feature_dim,
-        config.dropout,
-        config.fusion_rf_weight,
-        config.fusion_learnable,
-    )
+    return models.build_fusion_model(models.FusionSpec.from_config(config))
 
 
 def train_stage1(
-    x_train: dict,
-    y_train: np.ndarray,
-    x_val: dict | None,
-    y_val: np.ndarray | None,
+    data: StageData,
     config: Config,
     alpha,
     encoder_dirs: dict | None = None,
@@ -314,29 +313,15 @@ def train_stage1(
         models.freeze_encoders(model, modalities)
     else:
         models.set_backbone_trainable(model, modalities, False)
-    result = _fit(
-        "stage1",
-        model,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        alpha,
-        config.stage1_lr,
-        epochs or config.stage1_epochs,
-        config,
-        log,
-    )
+    settings = FitSettings.for_stage(config, "stage1", epochs)
+    result = _fit("stage1", model, data, alpha, settings, log)
     result.extra.update(fusion_summary(model))
     return result
 
 
 def train_stage2(
     stage1: StageResult,
-    x_train: dict,
-    y_train: np.ndarray,
-    x_val: dict | None,
-    y_val: np.ndarray | None,
+    data: StageData,
     config: Config,
     alpha,
     epochs: int | None = None,
@@ -350,28 +335,19 @@ def train_stage2(
     models.unfreeze_top_of_backbones(
         model, config.image_modalities, config.stage2_unfreeze_fraction
     )
-    result = _fit(
-        "stage2",
-        model,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        alpha,
-        config.stage2_lr,
-        epochs or config.stage2_epochs,
-        config,
-        log,
-    )
-    has_val = y_val is not None and len(y_val) > 0
+    settings = FitSettings.for_stage(config, "stage2", epochs)
+    result = _fit("stage2", model, data, alpha, settings, log)
+    has_val = data.has_val
     improved = has_val and result.best_val_kappa > stage1.best_val_kappa
     if has_val and not improved:
         model.set_weights(stage1_weights)
     # The kappa of the weights actually returned, measured, not assumed (the study logged "kept
     # Stage 1" while using Stage 2's weights).
     if has_val:
-        result.val_proba = predict_all(model, x_val, 256)
-    final_kappa = quadratic_kappa(y_val, result.val_proba.argmax(1)) if has_val else float("nan")
+        result.val_proba = predict_all(model, data.x_val, 256)
+    final_kappa = (
+        quadratic_kappa(data.y_val, result.val_proba.argmax(1)) if has_val else float("nan")
+    )
     kept = bool(has_val and not improved)
     result.extra.update(
         {
