@@ -93,6 +93,9 @@ class Config:
     health_min_kappa: float = 0.25
     health_min_trainable_params: int = 1000
     health_min_steps_per_epoch: int = 3
+    # A stage whose best epoch is 1 passes as an early peak only if its training loss fell by at
+    # least this fraction (a stuck stage's loss stays where epoch 1 left it).
+    health_min_loss_drop: float = 0.05
 
     @property
     def image_modalities(self) -> list[str]:
@@ -149,7 +152,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return value
+        # A partial mapping overrides the defaults it names and keeps the others.
+        return {**default, **value}
     return value
 
 
@@ -181,6 +185,12 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"config key 'crop_margins' has unknown modality {sorted(unknown_margins)}"
         )
+    for modality, margin in config.crop_margins.items():
+        if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 1000:
+            raise ConfigError(
+                f"config key 'crop_margins': the {modality} margin must be a whole number of "
+                f"pixels in 0..1000, got {margin!r}"
+            )
     _choice("on_missing_image", config.on_missing_image, ("error", "skip"))
     _choice("resampling", config.resampling, RESAMPLING)
     _choice("pretrain_alpha", config.pretrain_alpha, PRETRAIN_ALPHA)
@@ -216,7 +226,25 @@ def validate(config: Config) -> Config:
         )
     if config.rf_inner_folds < 2:
         raise ConfigError(f"config key 'rf_inner_folds' must be >= 2, got {config.rf_inner_folds}")
+    for key, low, high, meaning in RANGES:
+        value = getattr(config, key)
+        if not low <= value <= high or (key in OPEN_ABOVE and value == high):
+            interval = f"[{low}, {high}{')' if key in OPEN_ABOVE else ']'}"
+            raise ConfigError(f"config key {key!r} must be in {interval} ({meaning}), got {value}")
     return config
+
+
+# Range checks of the keys without a check of their own above: (key, low, high, meaning).
+RANGES = (
+    ("seed", 0, 2**32 - 1, "a non-negative integer seed"),
+    ("focal_gamma", 0.0, 10.0, "the focal loss's focusing exponent; 0 is cross-entropy"),
+    ("dropout", 0.0, 1.0, "the fraction of features dropped"),
+    ("health_min_kappa", -1.0, 1.0, "a kappa threshold"),
+    ("health_min_trainable_params", 0, 10**10, "a parameter count"),
+    ("health_min_steps_per_epoch", 1, 10**6, "updates per epoch"),
+    ("health_min_loss_drop", 0.0, 1.0, "a fraction of the epoch-1 training loss"),
+)
+OPEN_ABOVE = {"dropout", "health_min_loss_drop"}
 
 
 def from_dict(values: dict, source: str = "config") -> Config:

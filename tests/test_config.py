@@ -68,6 +68,15 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
         ("backbone=ResNet", "backbone"),
         ("data_percentage=0", "data_percentage"),
         ("on_missing_image=ignore", "on_missing_image"),
+        ("seed=-1", "seed"),
+        ("dropout=5", "dropout"),
+        ("dropout=1", "dropout"),
+        ("focal_gamma=-1", "focal_gamma"),
+        ("crop_margins={depth_map: -500}", "crop_margins"),
+        ("crop_margins={depth_map: abc}", "crop_margins"),
+        ("crop_margins=abc", "crop_margins"),
+        ("health_min_loss_drop=1", "health_min_loss_drop"),
+        ("health_min_steps_per_epoch=0", "health_min_steps_per_epoch"),
     ],
 )
 def test_out_of_range_or_choice_names_the_key(override, key):
@@ -149,6 +158,11 @@ def test_overrides_apply_over_the_profile():
     assert several.modalities == ["metadata", "depth_rgb"]
     assert several.data_percentage == 50.0 and isinstance(several.data_percentage, float)
     assert several.image_modalities == ["depth_rgb"]
+
+
+def test_a_partial_crop_margins_override_keeps_the_other_margins():
+    config = load_config("smoke", ["crop_margins={depth_map: 20}"])
+    assert config.crop_margins == {**Config().crop_margins, "depth_map": 20}
 
 
 def test_override_dict_and_json_round_trip():

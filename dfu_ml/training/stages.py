@@ -259,6 +259,37 @@ def _fit(
     )
 
 
+def seed_everything(seed: int, model: keras.Model | None = None) -> None:
+    """Make a stage repeatable: seed Python, NumPy and the backend, ask the backend for
+    deterministic kernels, and (given a ``model``) restart the random generators its layers own.
+
+    A model loaded from a file (Stage 2 loads Stage 1's) brings Dropout generators seeded when it
+    was loaded, before any seed was set: without the restart, two identical runs dropped
+    different units from Stage 2's first step on.
+    """
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    if model is not None:
+        generators = [g for layer in _all_layers(model) for g in _seed_generators(layer)]
+        states = np.random.default_rng(seed).integers(1, 2**30, size=len(generators))
+        for generator, state in zip(generators, states):
+            generator.state.assign(np.array([state, 0], dtype=generator.state.dtype))
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _seed_generators(layer) -> list:
+    return [v for v in vars(layer).values() if isinstance(v, keras.random.SeedGenerator)]
+
+
 def _print(message: str) -> None:
     print(message, flush=True)
 
@@ -275,7 +306,7 @@ def pretrain_image_encoder(
     default, low learning rate, kappa-monitored). ``data`` holds that modality's images only.
     ``result.model`` is the image model; :func:`encoder_of` gives its encoder (everything but the
     ``output`` layer)."""
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)
     encoder = models.build_image_encoder(modality, models.EncoderSpec.from_config(config))
     model = models.build_image_model(encoder, modality)
     settings = FitSettings.for_stage(config, "pretrain", epochs)
@@ -303,7 +334,7 @@ def train_stage1(
     Only the backbone is frozen by default (RC3: freezing the whole encoder left about 195
     trainable parameters); ``stage1_freeze=encoder`` freezes the encoder's head too.
     """
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)
     model = build_fusion_for(config)
     modalities = config.image_modalities
     for modality, directory in (encoder_dirs or {}).items():
@@ -329,8 +360,8 @@ def train_stage2(
 ) -> StageResult:
     """Stage 2: unfreeze the top of each backbone (BatchNorm stays frozen), fine-tune at a low
     rate (RC4: 1e-5, not 1e-6), and keep Stage 1's weights when Stage 2 does not improve."""
-    keras.utils.set_random_seed(config.seed + 1)
     model = stage1.model
+    seed_everything(config.seed + 1, model)
     stage1_weights = model.get_weights()
     models.unfreeze_top_of_backbones(
         model, config.image_modalities, config.stage2_unfreeze_fraction
