@@ -405,6 +405,15 @@ def test_on_missing_image_skip_counts_and_flags(synth_copy):
     assert not dataset.images["depth_map"][uses].any()  # left as zeros
 
 
+def test_on_missing_image_skip_refuses_a_modality_with_no_image_at_all(synth_copy):
+    folder = synth_copy / schema.MODALITY_FOLDERS["thermal_map"]
+    for path in folder.glob("*.png"):
+        path.unlink()
+    with pytest.raises(DataError, match="every one is missing") as info:
+        prepare_dataset(synth_copy, image_size=16, on_missing_image="skip")
+    assert str(folder) in str(info.value) and "thermal_map" in str(info.value)
+
+
 def test_on_missing_image_error_names_the_file(synth_copy):
     _, thermal = csv_rows(synth_copy / schema.THERMAL_BOX_CSV)
     name = thermal[-1]["Filename"]

@@ -176,6 +176,13 @@ def prepare_dataset(
     counts.update(crop_counts)
     for modality in modalities:
         sets[f"has_{modality}"] = images.pop(f"_ok_{modality}")
+        if len(sets) and not sets[f"has_{modality}"].any():
+            raise DataError(
+                f"{folder / schema.MODALITY_FOLDERS[modality]}: none of the {len(sets)} image "
+                f"sets has its {modality} image (on_missing_image=skip skips missing files, but "
+                f"here every one is missing); restore the folder or leave {modality} out of "
+                "'modalities'"
+            )
     meta = {
         "format_version": FORMAT_VERSION,
         "source": str(folder),
