@@ -14,9 +14,17 @@ import http.client
 import http.server
 import threading
 from collections.abc import Callable
+from typing import Self
 
 # Headers that describe one hop, not the request: the proxy sets its own.
-_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade"}
+_HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+}
 FAULTS = ("503", "drop")
 _UNAVAILABLE = (
     b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
@@ -56,16 +64,16 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self._server.server_port}"
 
-    def fail_from(self, n: int, how: str = "503") -> FaultProxy:
+    def fail_from(self, n: int, how: str = "503") -> Self:
         assert how in FAULTS, how
         self._fail_from, self._how = n, how
         return self
 
-    def before(self, n: int, callback: Callable[[], None]) -> FaultProxy:
+    def before(self, n: int, callback: Callable[[], None]) -> Self:
         self._hooks[n] = callback
         return self
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
