@@ -683,9 +683,9 @@ def test_a_short_secret_echoed_by_the_server_is_redacted(stub_s3, tmp_path, monk
     monkeypatch.setenv("DFU_S3_SECRET_KEY", "pw")
     stub_s3.status = 400
     stub_s3.body = (
-        "<?xml version='1.0' encoding='UTF-8'?><Error><Code>InvalidArgument</Code>"
-        "<Message>bad header pw</Message></Error>"
-    ).encode()
+        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InvalidArgument</Code>"
+        b"<Message>bad header pw</Message></Error>"
+    )
     with pytest.raises(StorageError) as info:
         download_tree("s3://data/v1", tmp_path / "out")
     assert "InvalidArgument" in str(info.value) and "bad header ***" in str(info.value)
