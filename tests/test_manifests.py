@@ -392,3 +392,14 @@ def test_the_bucket_job_refuses_to_make_the_root_login_the_pipeline_user(tmp_pat
     result, calls = _run_job_script(tmp_path, PIPELINE_ACCESS_KEY="root-user")
     assert result.returncode == 1 and "root user" in result.stderr
     assert not any(c.startswith("admin user add") for c in calls)
+
+
+def test_pipeline_steps_run_as_the_images_user():
+    """The steps' securityContext (pipelines/pipeline.py) names the user the images are built
+    with, so a step never runs as root and never as a user the image does not know."""
+    from pipelines.pipeline import IMAGE_USER
+
+    docker = MANIFESTS.parent / "docker"
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        users = re.findall(r"^USER\s+(\S+)", (docker / dockerfile).read_text(), re.M)
+        assert users[-1] == f"{IMAGE_USER}:{IMAGE_USER}", dockerfile
