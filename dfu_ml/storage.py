@@ -858,8 +858,8 @@ def _fill_unmarked(
     _warn(
         f"{tree} has no {SUCCESS_MARKER} marker (it was not written by dfu-kfp: copied with "
         "another tool, or a KFP artifact), so nothing shows that it is complete; reading its "
-        f"{len(sizes)} objects as they are. Upload datasets with `dfu-kfp upload DIR {tree}` to "
-        "have them verified."
+        f"{len(sizes)} object{'s' * (len(sizes) != 1)} as they are. Upload datasets with "
+        f"`dfu-kfp upload DIR {tree}` to have them verified."
     )
     for relative in sorted(sizes):
         key = _object_key(prefix, relative)
