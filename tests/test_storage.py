@@ -689,3 +689,16 @@ def test_a_short_secret_echoed_by_the_server_is_redacted(stub_s3, tmp_path, monk
     with pytest.raises(StorageError) as info:
         download_tree("s3://data/v1", tmp_path / "out")
     assert "InvalidArgument" in str(info.value) and "bad header ***" in str(info.value)
+
+
+def test_dfu_kfp_upload_writes_a_verified_tree(client, tmp_path, capsys):
+    from pipelines.cli import main
+
+    source = make_tree(tmp_path / "src")
+    assert main(["upload", str(source), "s3://data/study"]) == 0
+    assert "uploaded" in capsys.readouterr().out
+    assert tree_is_complete("s3://data/study")
+    assert read_tree(download_tree("s3://data/study", tmp_path / "out")) == TREE
+    assert main(["upload", str(tmp_path / "missing"), "s3://data/study"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: local folder") and "missing" in line
