@@ -686,12 +686,10 @@ def upload_tree(
             _remove_version(client, bucket, prefix, marker.version)
             return False
         _check_uploaded(client, bucket, prefix, marker)
+        data = marker.to_json()
+        marker_key = _object_key(prefix, SUCCESS_MARKER)
         client.put_object(
-            bucket,
-            _object_key(prefix, SUCCESS_MARKER),
-            io.BytesIO(data := marker.to_json()),
-            len(data),
-            content_type="application/json",
+            bucket, marker_key, io.BytesIO(data), len(data), content_type="application/json"
         )
     _remove_older_versions(client, settings, bucket, prefix, marker.version)
     return True
