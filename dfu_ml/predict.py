@@ -14,13 +14,18 @@ from dfu_ml.training.clinical_rf import ClinicalForest
 from dfu_ml.training.metrics import per_visit
 
 
-def predict_folder(model_dir: Path, data_dir: Path) -> tuple[pd.DataFrame, dict | None]:
-    """Probabilities and the predicted phase per visit; metrics too when labels are present."""
+def predict_folder(
+    model_dir: Path, data_dir: Path, expected_digest: str = ""
+) -> tuple[pd.DataFrame, dict | None]:
+    """Probabilities and the predicted phase per visit; metrics too when labels are present.
+
+    The bundle is verified before it is loaded (``dfu_ml.bundle.verify_bundle``), against
+    ``expected_digest`` too when one is given."""
     from dfu_ml.training.fold import model_inputs, training_rows
     from dfu_ml.training.metrics import classification_metrics
     from dfu_ml.training.stages import predict_all
 
-    bundle = load_bundle(model_dir)
+    bundle = load_bundle(model_dir, expected_digest)
     config = bundle.config
     dataset = prepare_for_config(data_dir, config, require_labels=False)
     forest = ClinicalForest(bundle.transformer, bundle.forest)

@@ -40,6 +40,7 @@ class ExpectedPlacement:
     storage_components: frozenset = frozenset()
     gpu_node_selector: dict = field(default_factory=dict)  # empty: any non-empty selector
     secret_name: str = ""
+    run_as_user: int | None = None  # every step runs as this non-root user (None: unchecked)
 
 
 def _parse(message, data: dict, what: str, problems: list) -> object | None:
@@ -326,6 +327,14 @@ def _check_platform(
                     f"executor {executor} ({component}): a CPU step asks for a GPU, a node "
                     "selector or a toleration"
                 )
+        context = config.security_context
+        if placement.run_as_user is not None and (
+            not context.run_as_non_root or context.run_as_user != placement.run_as_user
+        ):
+            problems.append(
+                f"executor {executor} ({component}): does not run as the images' non-root user "
+                f"{placement.run_as_user} (securityContext runAsUser, runAsNonRoot)"
+            )
         secrets = {s.secret_name for s in config.secret_as_env}
         if component in placement.storage_components:
             if placement.secret_name not in secrets:

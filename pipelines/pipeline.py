@@ -36,6 +36,9 @@ from pipelines.settings import RuntimeSettings
 
 PIPELINE_NAME = "dfu-kfp"
 S3_ENV = {"accesskey": "DFU_S3_ACCESS_KEY", "secretkey": "DFU_S3_SECRET_KEY"}
+# The component images' user (docker/Dockerfile.cpu and .gpu: USER 1000:1000); every step runs
+# as it, non-root, on the cluster.
+IMAGE_USER = 1000
 
 DESCRIPTION = """DFU healing-phase classifier: staged fusion training with patient-grouped
 cross-validation, evaluation, a training-health verdict and publishing of blessed models.
@@ -69,16 +72,38 @@ STORAGE_COMPONENTS = frozenset({"prepare-data", "publish-model"})
 def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacement:
     runtime = runtime or RuntimeSettings()
     return ExpectedPlacement(
-        GPU_COMPONENTS, STORAGE_COMPONENTS, dict(runtime.gpu_node_selector), runtime.s3_secret_name
+        GPU_COMPONENTS,
+        STORAGE_COMPONENTS,
+        dict(runtime.gpu_node_selector),
+        runtime.s3_secret_name,
+        run_as_user=IMAGE_USER,
     )
 
 
-class Steps:
-    """The pipeline's components, bound to their images (CPU or GPU)."""
+def _as_image_user(component):
+    """The component, whose every task runs as the images' non-root user. kfp-kubernetes sets
+    only these identity fields; seccomp, capabilities and privilege escalation are the KFP
+    backend's to set, and the root filesystem stays writable (see the README)."""
 
-    def __init__(self, images: dict):
+    def task(**arguments):
+        return kubernetes.set_security_context(
+            component(**arguments),
+            run_as_user=IMAGE_USER,
+            run_as_group=IMAGE_USER,
+            run_as_non_root=True,
+        )
+
+    return task
+
+
+class Steps:
+    """The pipeline's components, bound to their images (CPU or GPU); on a cluster (not
+    ``local``) every task runs as the images' non-root user."""
+
+    def __init__(self, images: dict, local: bool = False):
         def component(func, image):
-            return dsl.component(func, base_image=image, install_kfp_package=False)
+            made = dsl.component(func, base_image=image, install_kfp_package=False)
+            return made if local else _as_image_user(made)
 
         cpu, gpu = images["cpu"], images["gpu"]
         self.resolve = component(MAIN.resolve_function(), cpu)
@@ -193,7 +218,7 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
     ``local`` leaves out what kfp.local cannot honour (secrets, GPU placement); the DAG is the same.
     """
     runtime = runtime or RuntimeSettings()
-    steps, place = Steps(runtime.images), Placement(runtime, local)
+    steps, place = Steps(runtime.images, local), Placement(runtime, local)
     config_json, version = config.to_json(), code_version()
     image_run = bool(config.image_modalities)
 

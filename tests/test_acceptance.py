@@ -112,6 +112,11 @@ def _secret_lost(_spec, platform):
     ]
 
 
+def _runs_as_root(_spec, platform):
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors["exec-evaluate-folds"]["securityContext"] = {"runAsUser": 0}
+
+
 @pytest.mark.parametrize(
     "damage, expected",
     [
@@ -127,6 +132,10 @@ def _secret_lost(_spec, platform):
         (_old_schema, "schemaVersion '2.0.0'"),
         (_unknown_task_field, "retryPolicyy"),
         (_secret_lost, "does not get the secret 'dfu-kfp-s3'"),
+        (
+            _runs_as_root,
+            "exec-evaluate-folds (evaluate-folds): does not run as the images' non-root",
+        ),
     ],
     ids=lambda v: getattr(v, "__name__", "")[1:] or None,
 )
