@@ -178,7 +178,7 @@ class EpochBatches(keras.utils.PyDataset):
     def _plan(self) -> None:
         order = np.random.default_rng([*self.seed, self.epoch]).permutation(self.rows)
         padding = self.steps * self.batch - self.rows
-        self.order = np.concatenate([order, order[:padding]])
+        self.order = np.resize(order, self.rows + padding)  # repeats the order from its start
         self.weight = np.concatenate([np.ones(self.rows), np.zeros(padding)]).astype("float32")
 
     @property
