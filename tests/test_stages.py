@@ -391,3 +391,21 @@ def test_cached_stage1_trains_the_same_model_as_stage1_on_images(fold_data, trai
     data = stage_data(dataset, config, plan, rf_proba)
     kappa = quadratic_kappa(data.y_val, predict_all(cached.model, data.x_val, 64).argmax(1))
     assert kappa == pytest.approx(cached.best_val_kappa, abs=1e-9)
+
+
+def test_compiled_steps_train_what_eager_steps_train(fold_data, trained):
+    """jit_compile=compiled (XLA here on TensorFlow) changes how Stage 1's steps run, not what
+    they compute: the same weights as eager steps to float tolerance (without Dropout, whose
+    random numbers XLA may draw differently)."""
+    dataset, config, plan, rf_proba = fold_data
+    config = config.replace(stage1_epochs=2, dropout=0.0)
+    enc = {MODALITY: trained["enc_dir"]}
+    runs = {
+        mode: run_stage1(dataset, config.replace(jit_compile=mode), plan, rf_proba, enc, log=quiet)
+        for mode in ("compiled", "eager")
+    }
+    assert runs["compiled"].extra["jit_compile"] is True
+    assert runs["eager"].extra["jit_compile"] is False
+    for a, b in zip(runs["compiled"].model.get_weights(), runs["eager"].model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert runs["compiled"].history[KAPPA] == pytest.approx(runs["eager"].history[KAPPA], abs=1e-9)

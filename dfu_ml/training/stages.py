@@ -387,6 +387,7 @@ def _fit(
         extra={
             # Speed figures (bench/gpu_stages.py): the first epoch includes building the step.
             "epoch_train_seconds": [round(t, 3) for t in timer.seconds],
+            "jit_compile": bool(model.jit_compile),  # what Keras resolved "auto" to
             "validation_seconds": round(kappa.seconds, 3) if data.has_val else 0.0,
         },
     )
