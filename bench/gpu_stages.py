@@ -152,7 +152,7 @@ TORCHVISION = {
 def _reference_model(config):
     """(torch module taking NCHW floats, a description) or (None, why not)."""
     try:
-        import torchvision  # noqa: F401
+        import torchvision
 
         if config.backbone in TORCHVISION:
             factory = getattr(torchvision.models, TORCHVISION[config.backbone])
@@ -264,7 +264,7 @@ def real_size(args, config, small: dict, work: Path) -> dict:
     start = time.time()
     dataset = prepare_for_config(work / "real_data", config)
     render["prepare_seconds"] = round(time.time() - start, 1)
-    render["image_sets"] = int(len(dataset.sets))
+    render["image_sets"] = len(dataset.sets)
     # Seconds per training row and epoch in the small run, per stage kind (images per row: one
     # for pre-training, one per modality for the fusion stages, already in the figures).
     per_row = {}
@@ -389,11 +389,11 @@ def main() -> None:
     dataset = prepare_for_config(work / "data", small_config)
     out["small_dataset"] = {
         "patients": args.patients,
-        "image_sets": int(len(dataset.sets)),
+        "image_sets": len(dataset.sets),
         "seconds": round(time.time() - start, 1),
     }
     small = run_fold_stages(dataset, small_config, work / "small", args.stage1_images)
-    small["image_sets"] = int(len(dataset.sets))
+    small["image_sets"] = len(dataset.sets)
     small["train_rows"] = small["figures"][0]["rows"]
     out["stages"] = small["figures"]
     print(f"\n1. stages: one fold, {epochs} epochs, {out['small_dataset']}")
