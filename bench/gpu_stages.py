@@ -20,10 +20,12 @@ One invocation prints, on whatever device Keras uses:
 
 The GPU command (one H100/H200, within a 10-minute limit; ``--work`` keeps the rendered data):
 
-    KERAS_BACKEND=torch python bench/gpu_stages.py --profile paper --real-size --budget-minutes 9
+    KERAS_BACKEND=torch python bench/gpu_stages.py --profile paper-scratch --real-size --budget-minutes 9
+
+(`paper-scratch`: the device has no ImageNet weights files; speed does not depend on them.)
 
 ``--json FILE`` writes every figure. On CPU use a small backbone, e.g.
-``--set backbone=MobileNetV3Small image_size=64 mixed_precision=none``.
+``--profile paper-scratch --set backbone=MobileNetV3Small image_size=64 mixed_precision=none``.
 """
 
 from __future__ import annotations
