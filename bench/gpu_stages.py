@@ -20,7 +20,8 @@ One invocation prints, on whatever device Keras uses:
 
 The GPU command (one H100/H200, within a 10-minute limit; ``--work`` keeps the rendered data):
 
-    KERAS_BACKEND=torch python bench/gpu_stages.py --profile paper-scratch --real-size --budget-minutes 9
+    KERAS_BACKEND=torch python bench/gpu_stages.py --profile paper-scratch --stage1-images \
+        --real-size --budget-minutes 9 --json bench.json
 
 (`paper-scratch`: the device has no ImageNet weights files; speed does not depend on them.)
 
@@ -122,7 +123,12 @@ def run_fold_stages(dataset, config, work: Path, stage1_images: bool = False) ->
     stage2 = run_stage2(dataset, config, plan, rf_proba, stage1, log=quiet)
     summaries["stage2"] = stage2.summary()
     figures.append(stage_figures("stage2", stage2.summary(), n))
-    return {"figures": figures, "summaries": summaries, "val_rows": len(plan["val_rows"])}
+    return {
+        "figures": figures,
+        "summaries": summaries,
+        "val_rows": len(plan["val_rows"]),
+        "image_sets_used": len(plan["train_rows"]) + len(plan["val_rows"]),
+    }
 
 
 def print_stages(figures: list) -> None:
@@ -288,6 +294,8 @@ def real_size(args, config, small: dict, work: Path) -> dict:
     start = time.time()
     fold = run_fold_stages(dataset, capped, work / "real")
     fold_seconds = time.time() - start
+    render["data_percentage"] = config.data_percentage
+    render["image_sets_used"] = fold["image_sets_used"]
     return {
         "dataset": render,
         "epoch_caps": caps,
