@@ -273,6 +273,8 @@ def real_size(args, config, small: dict, work: Path) -> dict:
     dataset = prepare_for_config(work / "real_data", config)
     render["prepare_seconds"] = round(time.time() - start, 1)
     render["image_sets"] = len(dataset.sets)
+    if render["image_sets"] > REAL_IMAGE_SETS:  # the generator's sets per patient vary: sample
+        config = config.replace(data_percentage=round(100 * REAL_IMAGE_SETS / len(dataset.sets), 1))
     # Seconds per training row and epoch in the small run, per stage kind (images per row: one
     # for pre-training, one per modality for the fusion stages, already in the figures).
     per_row = {}
