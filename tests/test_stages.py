@@ -294,7 +294,10 @@ def test_fixed_batches_score_every_row_once_in_one_shape():
     model = keras.Model({"x": inputs}, keras.layers.Dense(3, activation="softmax")(hidden))
     x = {"x": np.random.default_rng(0).normal(size=(101, 4)).astype("float32")}
     rows = FixedBatches(x, max_batch=16)
-    assert rows.batch * math.ceil(101 / 16) == 101 + rows.padding and rows.padding < 7
+    assert rows.batch == 16 and rows.padding == 11  # 7 batches of 16, the last padded
+    # Fewer rows than the batch: the power of two that holds them (few shapes across folds).
+    assert (FixedBatches(x, 256).batch, FixedBatches(x, 256).padding) == (128, 27)
+    assert FixedBatches({"x": x["x"][:1]}, 256).batch == 1
     proba = rows.predict(model)
     assert proba.shape == (101, 3)
     proba_again = predict_all(model, x, 16)

@@ -112,27 +112,34 @@ def on_device(arrays: dict) -> dict:
 
 
 def _repeat_rows(array, extra: int):
-    """``array`` followed by its first ``extra`` rows (padding that is dropped or weighted 0)."""
+    """``array`` followed by ``extra`` of its rows, cycling from the first (padding that is
+    dropped or weighted 0)."""
     if not extra:
         return array
+    index = np.arange(extra) % len(array)
     if isinstance(array, np.ndarray):
-        return np.concatenate([array, array[:extra]])
-    return keras.ops.concatenate([array, array[:extra]], axis=0)
+        return np.concatenate([array, array[index]])
+    return keras.ops.concatenate([array, array[index]], axis=0)
 
 
 class FixedBatches:
     """Rows to predict, padded once so that every batch has the same shape (no recompilation of a
     compiled predict step for a last partial batch) and the padding dropped from the result.
 
-    The batch is the largest that keeps the padding below one row per batch: ``n`` rows in
-    ``ceil(n / max_batch)`` equal batches. Every row is scored exactly once (RC6).
+    The batch is ``max_batch`` rows, or for fewer rows the power of two that holds them all, so
+    that folds of different sizes (and the final fit) run the same few shapes, and a compiled
+    program from one GPU step is found in the persistent compilation cache by the next. Every row
+    is scored exactly once (RC6); the padding is less than one batch.
     """
 
     def __init__(self, inputs: dict, max_batch: int):
         self.rows = _rows(inputs)
-        batches = max(1, math.ceil(self.rows / max(1, max_batch)))
-        self.batch = max(1, math.ceil(self.rows / batches))
-        self.padding = batches * self.batch - self.rows
+        max_batch = max(1, max_batch)
+        self.batch = (
+            max_batch if self.rows >= max_batch else 2 ** math.ceil(math.log2(max(self.rows, 1)))
+        )
+        self.batch = min(self.batch, max_batch)
+        self.padding = -self.rows % self.batch
         self.inputs = {k: _repeat_rows(v, self.padding) for k, v in inputs.items()}
 
     def predict(self, model: keras.Model) -> np.ndarray:
