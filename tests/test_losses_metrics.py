@@ -1,6 +1,5 @@
 """Focal loss, quadratic kappa and the whole-validation-set kappa callback."""
 
-
 import keras
 import numpy as np
 import pytest
