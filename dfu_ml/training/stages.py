@@ -135,10 +135,8 @@ class FixedBatches:
     def __init__(self, inputs: dict, max_batch: int):
         self.rows = _rows(inputs)
         max_batch = max(1, max_batch)
-        self.batch = (
-            max_batch if self.rows >= max_batch else 2 ** math.ceil(math.log2(max(self.rows, 1)))
-        )
-        self.batch = min(self.batch, max_batch)
+        holds_all = 2 ** math.ceil(math.log2(max(self.rows, 1)))
+        self.batch = min(max_batch, holds_all)
         self.padding = -self.rows % self.batch
         self.inputs = {k: _repeat_rows(v, self.padding) for k, v in inputs.items()}
 
