@@ -175,8 +175,10 @@ class EpochBatches(keras.utils.PyDataset):
     def __init__(self, x: dict, y, batch: int, seed: tuple):
         super().__init__()  # one worker in this thread: batches are cut on the device (on_device)
         self.x, self.y = x, y
-        self.rows, self.batch = len(y), batch
-        self.steps = math.ceil(self.rows / batch)
+        # A batch larger than the rows (clip_batch_size=false) is one step of all the rows, as
+        # Keras would run it: never padded up to the batch size.
+        self.rows, self.batch = len(y), max(1, min(batch, len(y)))
+        self.steps = math.ceil(self.rows / self.batch)
         self.seed, self.epoch = tuple(seed), 0
         self._plan()
 
