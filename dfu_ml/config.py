@@ -33,6 +33,9 @@ BACKBONES = (
 RESAMPLING = ("none", "random", "combined")
 PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
 STAGE1_FREEZE = ("backbone", "encoder")
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# Words YAML reads as strings (on/off would be booleans).
+JIT_COMPILE = ("auto", "compiled", "eager")
 
 
 @dataclass
@@ -89,6 +92,15 @@ class Config:
     stage2_unfreeze_fraction: float = 0.2
     fusion_rf_weight: float = 0.70
     fusion_learnable: bool = True  # RC5: a fixed 0.70/0.30 split scaled the image gradient by 0.3
+    # How the image stages execute (docs/TRAINING.md, "Fast training steps"). Mixed precision
+    # changes the arithmetic, so it is part of the experiment; the probability layers stay float32.
+    mixed_precision: str = "none"  # none | mixed_bfloat16 | mixed_float16 (GPU profiles: bf16)
+    # auto: Keras's choice (XLA on TensorFlow with a GPU and on JAX; eager on torch and on CPU,
+    # where XLA was ~7x slower). compiled: XLA, or torch.compile on torch. eager: neither.
+    # Measure before choosing (bench/gpu_stages.py).
+    jit_compile: str = "auto"
+    predict_batch_size: int = 256  # validation/feature batches: as large as memory allows
+    stage1_cached_features: bool = True  # Stage 1 trains on the frozen backbones' cached output
     # Health verdict
     health_min_kappa: float = 0.25
     health_min_trainable_params: int = 1000
@@ -231,6 +243,7 @@ def validate(config: Config) -> Config:
         if not low <= value <= high or (key in OPEN_ABOVE and value == high):
             interval = f"[{low}, {high}{')' if key in OPEN_ABOVE else ']'}"
             raise ConfigError(f"config key {key!r} must be in {interval} ({meaning}), got {value}")
+    _validate_execution(config)
     return config
 
 
@@ -245,6 +258,16 @@ RANGES = (
     ("health_min_loss_drop", 0.0, 1.0, "a fraction of the epoch-1 training loss"),
 )
 OPEN_ABOVE = {"dropout", "health_min_loss_drop"}
+
+
+def _validate_execution(config: Config) -> None:
+    """The keys of how the image stages execute (mixed precision, compilation, batch sizes)."""
+    _choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    _choice("jit_compile", config.jit_compile, JIT_COMPILE)
+    if config.predict_batch_size < 1:
+        raise ConfigError(
+            f"config key 'predict_batch_size' must be >= 1, got {config.predict_batch_size}"
+        )
 
 
 def from_dict(values: dict, source: str = "config") -> Config:

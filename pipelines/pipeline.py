@@ -29,6 +29,7 @@ from components.resample_alpha import make_fold_plan
 from components.stage1 import stage1_fusion
 from components.stage2 import stage2_finetune
 from dfu_ml.config import Config
+from dfu_ml.training.compile_cache import cache_environment
 from dfu_ml.training.fold import FINAL_FIT
 from pipelines.acceptance import ExpectedPlacement
 from pipelines.run_parameters import MAIN
@@ -77,6 +78,7 @@ def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacem
         dict(runtime.gpu_node_selector),
         runtime.s3_secret_name,
         run_as_user=IMAGE_USER,
+        gpu_pvc=runtime.compile_cache_pvc,
     )
 
 
@@ -140,6 +142,13 @@ class Placement:
             value=toleration.get("value"),
             effect=toleration.get("effect"),
         )
+        if runtime.compile_cache_pvc:
+            # One compilation cache for every GPU step: compiled once, not in each step's process.
+            kubernetes.mount_pvc(
+                task, pvc_name=runtime.compile_cache_pvc, mount_path=runtime.compile_cache_path
+            )
+            for name, value in cache_environment(runtime.compile_cache_path).items():
+                task.set_env_variable(name, value)
         return task
 
     def storage(self, task: dsl.PipelineTask) -> dsl.PipelineTask:

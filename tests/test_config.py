@@ -184,3 +184,24 @@ def test_profile_files_only_use_known_keys():
     for path in Path(cfg.PROFILE_DIR).glob("*.yaml"):
         values = yaml.safe_load(path.read_text()) or {}
         assert set(values) - {"extends"} <= set(cfg.FIELDS), path
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("mixed_precision=float16", "mixed_precision"),
+        ("jit_compile=xla", "jit_compile"),
+        ("predict_batch_size=0", "predict_batch_size"),
+    ],
+)
+def test_execution_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=repr(key)):
+        load_config(None, [override])
+
+
+def test_gpu_profiles_run_mixed_precision_and_cpu_ones_do_not():
+    for name in ("paper", "paper-scratch"):
+        assert load_config(name).mixed_precision == "mixed_bfloat16"
+    for name in ("smoke", None):
+        assert load_config(name).mixed_precision == "none"
+    assert load_config(None, ["jit_compile=compiled"]).jit_compile == "compiled"
