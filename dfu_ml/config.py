@@ -31,8 +31,9 @@ BACKBONES = (
     "MobileNetV3Small",
 )
 RESAMPLING = ("none", "random", "combined")
-PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
+ALPHA_SETTINGS = ("equal", "capped", "uncapped")  # focal-loss alphas: see resampling.focal_alpha
 STAGE1_FREEZE = ("backbone", "encoder")
+PRETRAIN_MONITOR = ("quadratic_kappa", "batch_kappa")
 
 
 @dataclass
@@ -89,6 +90,15 @@ class Config:
     stage2_unfreeze_fraction: float = 0.2
     fusion_rf_weight: float = 0.70
     fusion_learnable: bool = True  # RC5: a fixed 0.70/0.30 split scaled the image gradient by 0.3
+    # Root-cause switches: each default is the fix; `dfu-kfp diagnose` reverts them
+    # (dfu_ml/profiles/diagnose/, docs/TRAINING.md). RC1: pre-training monitored an unweighted,
+    # batch-averaged kappa (batch_kappa) and its output layer was carried into the fusion model;
+    # RC2: the fusion's focal alphas were uncapped inverse frequencies; RC4: Stage 2's weights were
+    # used even when they were worse than Stage 1's.
+    pretrain_monitor: str = "quadratic_kappa"
+    transfer_output_layer: bool = False
+    fusion_alpha: str = "capped"
+    stage2_keep_better: bool = True
     # Health verdict
     health_min_kappa: float = 0.25
     health_min_trainable_params: int = 1000
@@ -193,7 +203,9 @@ def validate(config: Config) -> Config:
             )
     _choice("on_missing_image", config.on_missing_image, ("error", "skip"))
     _choice("resampling", config.resampling, RESAMPLING)
-    _choice("pretrain_alpha", config.pretrain_alpha, PRETRAIN_ALPHA)
+    _choice("pretrain_alpha", config.pretrain_alpha, ALPHA_SETTINGS)
+    _choice("fusion_alpha", config.fusion_alpha, ALPHA_SETTINGS)
+    _choice("pretrain_monitor", config.pretrain_monitor, PRETRAIN_MONITOR)
     _choice("backbone", config.backbone, BACKBONES)
     _choice("stage1_freeze", config.stage1_freeze, STAGE1_FREEZE)
     if config.alpha_max_ratio < 1:

@@ -73,13 +73,15 @@ def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacem
     )
 
 
+def component(func, image: str):
+    """A lightweight component of the project's image (which holds kfp: nothing to install)."""
+    return dsl.component(func, base_image=image, install_kfp_package=False)
+
+
 class Steps:
     """The pipeline's components, bound to their images (CPU or GPU)."""
 
     def __init__(self, images: dict):
-        def component(func, image):
-            return dsl.component(func, base_image=image, install_kfp_package=False)
-
         cpu, gpu = images["cpu"], images["gpu"]
         self.resolve = component(MAIN.resolve_function(), cpu)
         self.prepare = component(prepare_data, cpu)
@@ -131,6 +133,29 @@ class Placement:
         return task
 
 
+def resolve_and_prepare(steps, place: Placement, parameters, config_json: str, version, values):
+    """Every pipeline's first two steps: resolve the run parameters (``values``, by name) over
+    the compiled configuration, then prepare the data. Returns both tasks."""
+    resolve = steps.resolve(
+        config_json=config_json,
+        code_version=version,
+        **{p.name: values[p.name] for p in parameters.resolved},
+    )
+    resolve.set_display_name("resolve run configuration")
+    prepare = place.storage(steps.prepare(data=values["data"], config=resolve.outputs["config"]))
+    prepare.set_display_name("prepare data")
+    return resolve, prepare
+
+
+def plan_and_forest(steps, label: str, prepared, fold, settings):
+    """A fold's plan (split, resampling, alphas) and clinical random forest; returns both tasks."""
+    plan = steps.plan(prepared=prepared, fold=fold, config=settings)
+    plan.set_display_name(f"{label} · split, resample, focal alpha")
+    forest = steps.forest(prepared=prepared, fold_plan=plan.outputs["fold_plan"], config=settings)
+    forest.set_display_name(f"{label} · clinical random forest")
+    return plan, forest
+
+
 def train_fold(
     steps: Steps,
     place: Placement,
@@ -148,11 +173,8 @@ def train_fold(
     and, for image runs, the Stage 2 task.
     """
     fixed = {} if final_fit is None else {"final_fit": final_fit}
-    plan = steps.plan(prepared=prepared, fold=fold, config=settings)
-    plan.set_display_name(f"{label} · split, resample, focal alpha")
+    plan, forest = plan_and_forest(steps, label, prepared, fold, settings)
     fold_plan = plan.outputs["fold_plan"]
-    forest = steps.forest(prepared=prepared, fold_plan=fold_plan, config=settings)
-    forest.set_display_name(f"{label} · clinical random forest")
     if not image_run:
         return forest, None
     with dsl.ParallelFor(modalities, name=f"{label} · image modalities") as modality:
@@ -198,16 +220,15 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
     image_run = bool(config.image_modalities)
 
     def body(data, models_uri, image_modalities, **values) -> Outputs:
-        resolve = steps.resolve(
-            config_json=config_json,
-            code_version=version,
-            image_modalities=image_modalities,
-            **{p.name: values[p.name] for p in MAIN.resolved if p.name in values},
+        resolve, prepare = resolve_and_prepare(
+            steps,
+            place,
+            MAIN,
+            config_json,
+            version,
+            {**values, "data": data, "image_modalities": image_modalities},
         )
-        resolve.set_display_name("resolve run configuration")
         settings = resolve.outputs["config"]
-        prepare = place.storage(steps.prepare(data=data, config=settings))
-        prepare.set_display_name("prepare data")
         dataset = prepare.outputs["prepared"]
         with dsl.ParallelFor(resolve.outputs["Output"], name="cross-validation folds") as fold:
             forest, stage2 = train_fold(
@@ -254,9 +275,12 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
     return dsl.pipeline(name=PIPELINE_NAME, display_name="dfu-kfp: DFU healing phase")(function)
 
 
-def compile_pipeline(config: Config, output: Path, runtime: RuntimeSettings | None = None) -> Path:
+def compile_pipeline(
+    config: Config, output: Path, runtime: RuntimeSettings | None = None, build=build_pipeline
+) -> Path:
+    """Compile ``build(config, runtime)`` (the main pipeline by default) into ``output``."""
     from kfp import compiler
 
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config, runtime), str(output))
+    compiler.Compiler().compile(build(config, runtime), str(output))
     return Path(output)
