@@ -9,20 +9,34 @@ import yaml
 
 from dfu_ml.config import load_config
 from pipelines.acceptance import check_pipeline, check_run_arguments
-from pipelines.pipeline import compile_pipeline, expected_placement
-from pipelines.run_parameters import MAIN
+from pipelines.cli import expectations
+from pipelines.diagnose import build_diagnose_pipeline
+from pipelines.pipeline import build_pipeline, compile_pipeline
 
 VARIANTS = {
-    "paper": ("paper", []),
-    "smoke": ("smoke", []),
-    "metadata-only": ("paper", ["modalities=metadata"]),
-    "three-modalities": ("paper", ["modalities=metadata,depth_rgb,depth_map,thermal_map"]),
-    "images-only": ("smoke", ["modalities=depth_rgb"]),
+    "paper": ("paper", [], build_pipeline),
+    "smoke": ("smoke", [], build_pipeline),
+    "metadata-only": ("paper", ["modalities=metadata"], build_pipeline),
+    "three-modalities": (
+        "paper",
+        ["modalities=metadata,depth_rgb,depth_map,thermal_map"],
+        build_pipeline,
+    ),
+    "images-only": ("smoke", ["modalities=depth_rgb"], build_pipeline),
+    "diagnose-paper": ("paper", [], build_diagnose_pipeline),
+    "diagnose-smoke-one-modality": (
+        "smoke",
+        ["modalities=metadata,depth_rgb"],
+        build_diagnose_pipeline,
+    ),
 }
 
 
 def _check(text: str) -> list[str]:
-    return check_pipeline(text, expected_placement(), MAIN.kfp_types())
+    """The acceptance check with what the pipeline of that name must satisfy."""
+    name = next(yaml.safe_load_all(text))["pipelineInfo"]["name"]
+    placement, types = expectations(name)
+    return check_pipeline(text, placement, types)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +44,43 @@ def compiled(tmp_path_factory):
     """Each variant's compiled YAML text."""
     root = tmp_path_factory.mktemp("compiled")
     return {
-        name: compile_pipeline(load_config(profile, overrides), root / f"{name}.yaml").read_text()
-        for name, (profile, overrides) in VARIANTS.items()
+        name: compile_pipeline(
+            load_config(profile, overrides), root / f"{name}.yaml", build=build
+        ).read_text()
+        for name, (profile, overrides, build) in VARIANTS.items()
     }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_compiled_variant_is_accepted(compiled, variant):
     assert _check(compiled[variant]) == []
+
+
+def test_the_diagnose_pipeline_is_checked_as_its_own(compiled):
+    """Its GPU step is the variant step, not the main pipeline's stages: checked against the main
+    pipeline's placement it is rejected, against its own it is accepted (above)."""
+    from pipelines.pipeline import expected_placement
+    from pipelines.run_parameters import DIAGNOSE
+
+    problems = check_pipeline(
+        compiled["diagnose-paper"], expected_placement(), DIAGNOSE.kfp_types()
+    )
+    assert any("diagnose-variant" in p for p in problems), problems
+    spec = next(yaml.safe_load_all(compiled["diagnose-paper"]))
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        p.name for p in DIAGNOSE.parameters
+    }
+
+
+def test_dfu_kfp_check_accepts_the_compiled_diagnose_pipeline(compiled, tmp_path, capsys):
+    from pipelines.cli import main
+
+    path = tmp_path / "diagnose.yaml"
+    path.write_text(compiled["diagnose-paper"])
+    assert main(["check", str(path), "data=s3://b/p", "folds=[0, 1, 2]"]) == 0
+    assert "accepted" in capsys.readouterr().out
+    assert main(["check", str(path), "data=s3://b/p", "models_uri=s3://m"]) == 2
+    assert "models_uri" in capsys.readouterr().err
 
 
 def _broken(text: str, damage) -> str:
