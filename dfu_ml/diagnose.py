@@ -70,7 +70,7 @@ ROOT_CAUSES = (
     ),
     RootCause(
         "RC6",
-        "one update per epoch (a batch of 600 on 471 training rows)",
+        "one update per epoch: a batch of 600 on 471 training rows",
         ("steps_per_epoch_minimum",),
     ),
 )

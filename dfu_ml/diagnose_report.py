@@ -135,7 +135,10 @@ def root_cause_finding(rc_id: str, fixed: dict, minus: dict) -> dict:
     already = [c for c in rc.checks if c in fixed["failed_checks"]]
     checks = ", ".join(rc.checks)
     if own:
-        finding, verdict = "flagged", f"flagged by the check written for it ({', '.join(own)})"
+        finding = "flagged"
+        verdict = f"flagged by the check written for it ({', '.join(own)}); " + (
+            "a measurable kappa change" if cost["measurable"] else "no measurable kappa change"
+        )
     elif cost["measurable"] and cost["mean"] > 0:
         finding = "missed"
         verdict = (
