@@ -1,5 +1,5 @@
-"""Steps of the diagnose pipeline (``pipelines/diagnose.py``): pre-training per variant group,
-Stage 1 + Stage 2 per variant, pools of a loop's artifacts, and the report.
+"""Steps of the diagnose pipeline (``pipelines/diagnose.py``): one task per variant and fold (its
+own pre-training or a shared one, Stage 1, Stage 2), pools of a loop's artifacts, and the report.
 
 Every variant's configuration is the run's resolved configuration with that variant's overlays
 (``dfu_ml.diagnose``); the steps run the same library code as the main pipeline's.
@@ -77,7 +77,6 @@ def run_diagnose_variant(
         print(f"variant {variant}: reusing the pre-training of {group}", flush=True)
     rf_proba = np.load(Path(rf) / RF_PROBA_FILE)
     stage1 = run_stage1(dataset, settings, plan, rf_proba, dirs)
-    stage1_summary = stage1.summary()
     stage2 = run_stage2(dataset, settings, plan, rf_proba, stage1)
     result = {
         "variant": variant,
@@ -88,7 +87,7 @@ def run_diagnose_variant(
             "fusion": stage_alpha(plan, settings, "fusion"),
         },
         "pretrain": {m: read_json(d / ENCODER_CONFIG)["summary"] for m, d in dirs.items()},
-        "stage1": stage1_summary,
+        "stage1": stage1.summary(),
         "stage2": stage2.summary(),
         **fold_predictions(dataset, settings, plan, rf_proba, stage2.val_proba),
     }
