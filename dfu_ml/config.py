@@ -31,11 +31,12 @@ BACKBONES = (
     "MobileNetV3Small",
 )
 RESAMPLING = ("none", "random", "combined")
-PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
+ALPHA_SETTINGS = ("equal", "capped", "uncapped")  # focal-loss alphas: see resampling.focal_alpha
 STAGE1_FREEZE = ("backbone", "encoder")
 MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 # Words YAML reads as strings (on/off would be booleans).
 JIT_COMPILE = ("auto", "compiled", "eager")
+PRETRAIN_MONITOR = ("quadratic_kappa", "batch_kappa")
 
 
 @dataclass
@@ -102,6 +103,15 @@ class Config:
     jit_compile: str = "auto"
     predict_batch_size: int = 256  # validation/feature batches: as large as memory allows
     stage1_cached_features: bool = True  # Stage 1 trains on the frozen backbones' cached output
+    # Root-cause switches: each default is the fix; `dfu-kfp diagnose` reverts them
+    # (dfu_ml/profiles/diagnose/, docs/TRAINING.md). RC1: pre-training monitored an unweighted,
+    # batch-averaged kappa (batch_kappa) and its output layer was carried into the fusion model;
+    # RC2: the fusion's focal alphas were uncapped inverse frequencies; RC4: Stage 2's weights were
+    # used even when they were worse than Stage 1's.
+    pretrain_monitor: str = "quadratic_kappa"
+    transfer_output_layer: bool = False
+    fusion_alpha: str = "capped"
+    stage2_keep_better: bool = True
     # Health verdict
     health_min_kappa: float = 0.25
     health_min_trainable_params: int = 1000
@@ -206,7 +216,9 @@ def validate(config: Config) -> Config:
             )
     _choice("on_missing_image", config.on_missing_image, ("error", "skip"))
     _choice("resampling", config.resampling, RESAMPLING)
-    _choice("pretrain_alpha", config.pretrain_alpha, PRETRAIN_ALPHA)
+    _choice("pretrain_alpha", config.pretrain_alpha, ALPHA_SETTINGS)
+    _choice("fusion_alpha", config.fusion_alpha, ALPHA_SETTINGS)
+    _choice("pretrain_monitor", config.pretrain_monitor, PRETRAIN_MONITOR)
     _choice("backbone", config.backbone, BACKBONES)
     _choice("stage1_freeze", config.stage1_freeze, STAGE1_FREEZE)
     if config.alpha_max_ratio < 1:

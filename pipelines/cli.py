@@ -1,4 +1,4 @@
-"""The ``dfu-kfp`` command: synth, run, compile, check, predict, upload.
+"""The ``dfu-kfp`` command: synth, run, diagnose, compile, check, predict, upload.
 
 Every expected error is one ``error:`` line on standard error (exit 2) that names the file, row,
 column or key at fault. An unexpected exception is one line too, pointing at the log file that
@@ -18,6 +18,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from dfu_ml.errors import ConfigError, DfuError
 
 DEFAULT_OUT = Path("runs") / "latest"
+DEFAULT_DIAGNOSE_OUT = Path("runs") / "diagnose"
 
 
 def _synth(args) -> None:
@@ -68,6 +69,44 @@ def _run(args) -> None:
         raise SystemExit(1)
 
 
+def _diagnose(args) -> None:
+    from pipelines.diagnose import run_diagnose_local
+
+    config, runtime = _settings(args)
+    run_diagnose_local(
+        config,
+        args.data,
+        args.out,
+        folds=args.folds,
+        synth_patients=args.synth_patients,
+        runner=args.runner,
+        runtime=runtime,
+    )
+
+
+def _builder(pipeline: str):
+    """The build function of a pipeline named on the command line (``main`` or ``diagnose``)."""
+    if pipeline == "diagnose":
+        from pipelines.diagnose import build_diagnose_pipeline
+
+        return build_diagnose_pipeline
+    from pipelines.pipeline import build_pipeline
+
+    return build_pipeline
+
+
+def expectations(name: str, runtime=None):
+    """What the acceptance check expects of the compiled pipeline called ``name``: its
+    placement and its run parameters' types."""
+    from pipelines import diagnose, pipeline
+    from pipelines.run_parameters import for_pipeline
+
+    placement = {diagnose.PIPELINE_NAME: diagnose.expected_placement}.get(
+        name, pipeline.expected_placement
+    )
+    return placement(runtime), for_pipeline(name).kfp_types()
+
+
 def _compile(args) -> None:
     from pipelines.pipeline import compile_pipeline
     from pipelines.settings import unpinned_warning
@@ -76,7 +115,7 @@ def _compile(args) -> None:
     warning = unpinned_warning(runtime)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    path = compile_pipeline(config, args.output, runtime)
+    path = compile_pipeline(config, args.output, runtime, build=_builder(args.pipeline))
     print(
         f"wrote {path}; upload it in the KFP UI (Pipelines -> Upload pipeline) or run:\n"
         f"  kfp --endpoint http://KFP_HOST -n NAMESPACE run create -e EXPERIMENT -r RUN "
@@ -115,8 +154,6 @@ def _check(args) -> None:
     from kfp.cli.utils.parsing import parse_parameter_value
 
     from pipelines.acceptance import PipelineRejected, check_pipeline, check_run_arguments
-    from pipelines.pipeline import expected_placement
-    from pipelines.run_parameters import for_pipeline
     from pipelines.settings import load_runtime
 
     path = Path(args.pipeline)
@@ -124,8 +161,8 @@ def _check(args) -> None:
         raise ConfigError(f"{path}: no such pipeline file; compile one with dfu-kfp compile")
     runtime = load_runtime(args.runtime, args.set)
     spec = next(yaml.safe_load_all(path.read_text()))
-    parameters = for_pipeline(spec.get("pipelineInfo", {}).get("name", ""))
-    problems = check_pipeline(path, expected_placement(runtime), parameters.kfp_types())
+    placement, types = expectations(spec.get("pipelineInfo", {}).get("name", ""), runtime)
+    problems = check_pipeline(path, placement, types)
     arguments = {}
     for text in args.arguments:
         if "=" not in text:
@@ -141,7 +178,7 @@ def _check(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.run_parameters import parameter_table
+    from pipelines.run_parameters import DIAGNOSE, DIAGNOSE_FOLDS, MAIN, parameter_table
 
     parser = argparse.ArgumentParser(
         prog="dfu-kfp",
@@ -186,28 +223,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline locally (kfp.local)")
     config_args(run, "smoke")
-    run.add_argument("--data", help="dataset folder or s3://bucket/prefix (default: synthetic)")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (runs/latest)")
-    run.add_argument("--synth-patients", type=int, default=40)
+
+    def local_args(p, out):
+        p.add_argument("--data", help="dataset folder or s3://bucket/prefix (default: synthetic)")
+        p.add_argument("--out", type=Path, default=out, help=f"output folder ({out})")
+        p.add_argument("--synth-patients", type=int, default=40)
+        p.add_argument(
+            "--runner",
+            choices=("subprocess", "docker"),
+            default="subprocess",
+            help="run each step in this Python (default) or in its component image "
+            "through kfp's DockerRunner (set DOCKER_HOST for podman's socket)",
+        )
+
+    local_args(run, DEFAULT_OUT)
     run.add_argument("--strict", action="store_true", help="exit 1 when the health verdict fails")
-    run.add_argument(
-        "--runner",
-        choices=("subprocess", "docker"),
-        default="subprocess",
-        help="run each step in this Python (default) or in its component image "
-        "through kfp's DockerRunner (set DOCKER_HOST for podman's socket)",
-    )
     run.set_defaults(func=_run)
 
-    parameters = "\n".join(f"  {n} ({t}): {h}" for n, t, h in parameter_table())
+    diag = sub.add_parser(
+        "diagnose",
+        help="replay the root-cause analysis: train the folds under every fix reverted, all "
+        "together and one at a time, and report what each fix is worth (kfp.local)",
+    )
+    config_args(diag, "smoke")
+    local_args(diag, DEFAULT_DIAGNOSE_OUT)
+    diag.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=list(DIAGNOSE_FOLDS),
+        help=f"the folds (of cv_folds) every variant trains (default {DIAGNOSE_FOLDS})",
+    )
+    diag.set_defaults(func=_diagnose)
+
+    def listed(parameters):
+        return "\n".join(f"  {n} ({t}): {h}" for n, t, h in parameter_table(parameters))
+
     comp = sub.add_parser(
         "compile",
-        help="compile the pipeline to YAML for a KFP backend",
-        description="Compile the pipeline for a KFP backend. Run parameters (kfp run create "
-        f"... key=value):\n{parameters}",
+        help="compile a pipeline to YAML for a KFP backend",
+        description="Compile a pipeline for a KFP backend. Run parameters of the main pipeline "
+        f"(kfp run create ... key=value):\n{listed(MAIN)}\nOf the diagnose pipeline "
+        f"(--pipeline diagnose):\n{listed(DIAGNOSE)}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_args(comp, "paper")
+    comp.add_argument(
+        "--pipeline",
+        choices=("main", "diagnose"),
+        default="main",
+        help="main: train, evaluate and publish (default); diagnose: the root-cause analysis",
+    )
     comp.add_argument("--output", required=True, type=Path)
     comp.set_defaults(func=_compile)
 
@@ -258,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _crash_log(args) -> Path:
     """Where an unexpected traceback goes: the run's log, or a new file for other commands."""
-    if getattr(args, "command", None) == "run":
+    if getattr(args, "command", None) in ("run", "diagnose"):
         path = Path(args.out).resolve() / "logs" / "pipeline.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

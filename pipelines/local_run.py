@@ -260,10 +260,12 @@ def execute(
     quiet: bool = True,
     runner: str = "subprocess",
     runtime: RuntimeSettings | None = None,
+    arguments: dict | None = None,
 ) -> dict:
     """Run a pipeline through kfp.local and move its collected results into ``out``.
 
-    ``build(runtime)`` returns the pipeline function (called with ``data`` and ``models_uri``);
+    ``build(runtime)`` returns the pipeline function (called with ``data``, ``models_uri`` where
+    it takes one, and ``arguments``: any other run parameters);
     ``collect(outputs, staging, run)`` writes the results from the pipeline's returned artifacts
     into ``staging`` and returns the summary, which this function moves into ``out`` only when
     the run succeeds (``summary_file`` last). ``OUT/run_status.json`` says whether the last run is
@@ -314,7 +316,10 @@ def execute(
         pipeline = build(runtime)
         log(f"running pipeline {pipeline.name!r} locally: data {data}{describe}")
         log(f"full step logs: {log_path}")
-        outputs = _run_pipeline(pipeline, data, runtime, log_path, quiet, runner)
+        arguments = {"data": data, **(arguments or {})}
+        if "models_uri" in pipeline.component_spec.inputs:
+            arguments["models_uri"] = runtime.models_uri
+        outputs = _run_pipeline(pipeline, arguments, log_path, quiet, runner)
         summary = _gather(
             collect, outputs, LocalRun(out, run_id, data, runtime, start), summary_file
         )
@@ -390,7 +395,7 @@ def _gather(collect, outputs: dict, run: LocalRun, summary_file: str) -> dict:
     return summary
 
 
-def _run_pipeline(pipeline, data: str, runtime, log_path: Path, quiet: bool, runner: str) -> dict:
+def _run_pipeline(pipeline, arguments: dict, log_path: Path, quiet: bool, runner: str) -> dict:
     """Call the pipeline; return its outputs, or raise PipelineStepFailed naming the step."""
     from pipelines.kfp_workarounds import docker_exit_status
 
@@ -407,7 +412,7 @@ def _run_pipeline(pipeline, data: str, runtime, log_path: Path, quiet: bool, run
                 warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
                 # GPU placement and display names apply on a cluster only (README).
                 warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
-                task = pipeline(data=data, models_uri=runtime.models_uri)
+                task = pipeline(**arguments)
         except RuntimeError as exc:
             console.close_pending()
             if not str(exc).startswith("Pipeline"):

@@ -70,11 +70,17 @@ GPU_COMPONENTS = frozenset({"pretrain-encoder", "stage1-fusion", "stage2-finetun
 STORAGE_COMPONENTS = frozenset({"prepare-data", "publish-model"})
 
 
-def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacement:
+def expected_placement(
+    runtime: RuntimeSettings | None = None,
+    gpu_components: frozenset = GPU_COMPONENTS,
+    storage_components: frozenset = STORAGE_COMPONENTS,
+) -> ExpectedPlacement:
+    """What the acceptance check expects of a pipeline's compiled placement (the main one's
+    components by default; the other pipelines name theirs)."""
     runtime = runtime or RuntimeSettings()
     return ExpectedPlacement(
-        GPU_COMPONENTS,
-        STORAGE_COMPONENTS,
+        gpu_components,
+        storage_components,
         dict(runtime.gpu_node_selector),
         runtime.s3_secret_name,
         run_as_user=IMAGE_USER,
@@ -98,26 +104,28 @@ def _as_image_user(component):
     return task
 
 
+def component(func, image: str, local: bool = False):
+    """A lightweight component of the project's image (which holds kfp: nothing to install); on
+    a cluster (not ``local``) every task runs as the images' non-root user."""
+    made = dsl.component(func, base_image=image, install_kfp_package=False)
+    return made if local else _as_image_user(made)
+
+
 class Steps:
-    """The pipeline's components, bound to their images (CPU or GPU); on a cluster (not
-    ``local``) every task runs as the images' non-root user."""
+    """The pipeline's components, bound to their images (CPU or GPU)."""
 
     def __init__(self, images: dict, local: bool = False):
-        def component(func, image):
-            made = dsl.component(func, base_image=image, install_kfp_package=False)
-            return made if local else _as_image_user(made)
-
         cpu, gpu = images["cpu"], images["gpu"]
-        self.resolve = component(MAIN.resolve_function(), cpu)
-        self.prepare = component(prepare_data, cpu)
-        self.plan = component(make_fold_plan, cpu)
-        self.forest = component(clinical_forest, cpu)
-        self.pretrain = component(pretrain_encoder, gpu)
-        self.stage1 = component(stage1_fusion, gpu)
-        self.stage2 = component(stage2_finetune, gpu)
-        self.evaluate = component(evaluate_folds, cpu)
-        self.bundle = component(bundle_model, cpu)
-        self.publish = component(publish_model, cpu)
+        self.resolve = component(MAIN.resolve_function(), cpu, local)
+        self.prepare = component(prepare_data, cpu, local)
+        self.plan = component(make_fold_plan, cpu, local)
+        self.forest = component(clinical_forest, cpu, local)
+        self.pretrain = component(pretrain_encoder, gpu, local)
+        self.stage1 = component(stage1_fusion, gpu, local)
+        self.stage2 = component(stage2_finetune, gpu, local)
+        self.evaluate = component(evaluate_folds, cpu, local)
+        self.bundle = component(bundle_model, cpu, local)
+        self.publish = component(publish_model, cpu, local)
 
 
 class Placement:
@@ -165,6 +173,29 @@ class Placement:
         return task
 
 
+def resolve_and_prepare(steps, place: Placement, parameters, config_json: str, version, values):
+    """Every pipeline's first two steps: resolve the run parameters (``values``, by name) over
+    the compiled configuration, then prepare the data. Returns both tasks."""
+    resolve = steps.resolve(
+        config_json=config_json,
+        code_version=version,
+        **{p.name: values[p.name] for p in parameters.resolved},
+    )
+    resolve.set_display_name("resolve run configuration")
+    prepare = place.storage(steps.prepare(data=values["data"], config=resolve.outputs["config"]))
+    prepare.set_display_name("prepare data")
+    return resolve, prepare
+
+
+def plan_and_forest(steps, label: str, prepared, fold, settings):
+    """A fold's plan (split, resampling, alphas) and clinical random forest; returns both tasks."""
+    plan = steps.plan(prepared=prepared, fold=fold, config=settings)
+    plan.set_display_name(f"{label} · split, resample, focal alpha")
+    forest = steps.forest(prepared=prepared, fold_plan=plan.outputs["fold_plan"], config=settings)
+    forest.set_display_name(f"{label} · clinical random forest")
+    return plan, forest
+
+
 def train_fold(
     steps: Steps,
     place: Placement,
@@ -182,11 +213,8 @@ def train_fold(
     and, for image runs, the Stage 2 task.
     """
     fixed = {} if final_fit is None else {"final_fit": final_fit}
-    plan = steps.plan(prepared=prepared, fold=fold, config=settings)
-    plan.set_display_name(f"{label} · split, resample, focal alpha")
+    plan, forest = plan_and_forest(steps, label, prepared, fold, settings)
     fold_plan = plan.outputs["fold_plan"]
-    forest = steps.forest(prepared=prepared, fold_plan=fold_plan, config=settings)
-    forest.set_display_name(f"{label} · clinical random forest")
     if not image_run:
         return forest, None
     with dsl.ParallelFor(modalities, name=f"{label} · image modalities") as modality:
@@ -232,16 +260,15 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
     image_run = bool(config.image_modalities)
 
     def body(data, models_uri, image_modalities, **values) -> Outputs:
-        resolve = steps.resolve(
-            config_json=config_json,
-            code_version=version,
-            image_modalities=image_modalities,
-            **{p.name: values[p.name] for p in MAIN.resolved if p.name in values},
+        resolve, prepare = resolve_and_prepare(
+            steps,
+            place,
+            MAIN,
+            config_json,
+            version,
+            {**values, "data": data, "image_modalities": image_modalities},
         )
-        resolve.set_display_name("resolve run configuration")
         settings = resolve.outputs["config"]
-        prepare = place.storage(steps.prepare(data=data, config=settings))
-        prepare.set_display_name("prepare data")
         dataset = prepare.outputs["prepared"]
         with dsl.ParallelFor(resolve.outputs["Output"], name="cross-validation folds") as fold:
             forest, stage2 = train_fold(
@@ -288,9 +315,12 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
     return dsl.pipeline(name=PIPELINE_NAME, display_name="dfu-kfp: DFU healing phase")(function)
 
 
-def compile_pipeline(config: Config, output: Path, runtime: RuntimeSettings | None = None) -> Path:
+def compile_pipeline(
+    config: Config, output: Path, runtime: RuntimeSettings | None = None, build=build_pipeline
+) -> Path:
+    """Compile ``build(config, runtime)`` (the main pipeline by default) into ``output``."""
     from kfp import compiler
 
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config, runtime), str(output))
+    compiler.Compiler().compile(build(config, runtime), str(output))
     return Path(output)

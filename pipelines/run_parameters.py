@@ -176,14 +176,22 @@ def overrides_from_parameters(values: dict) -> dict:
     return overrides
 
 
-def resolve_run(config_json: str, values: dict, config_path: str | None = None) -> list[int]:
+def resolve_run(
+    config_json: str, values: dict, config_path: str | None = None, same_modalities: bool = False
+) -> list[int]:
     """Overlay run parameters on the compiled configuration; write it; return the folds to train.
 
     A metadata-only configuration and an image configuration compile to different DAGs, so a run
-    may not switch between them.
+    may not switch between them; with ``same_modalities`` (a DAG unrolled over the compiled
+    modalities) it may not change them at all.
     """
     base = config_from_json(config_json)
     resolved = base.replace(**overrides_from_parameters(values))
+    if same_modalities and resolved.modalities != base.modalities:
+        raise ConfigError(
+            f"modalities {resolved.modalities}: this pipeline was compiled for "
+            f"{base.modalities} and trains exactly those; compile again with --set modalities=..."
+        )
     if bool(resolved.image_modalities) != bool(base.image_modalities):
         raise ConfigError(
             f"modalities {resolved.modalities}: this pipeline was compiled for "
@@ -297,12 +305,39 @@ class RunParameters:
         return namespace["resolve_config"]
 
 
+def resolve_diagnose_run(config_json: str, values: dict, config_path: str | None = None):
+    """:func:`resolve_run` for the diagnose pipeline, whose DAG is unrolled over the compiled
+    image modalities."""
+    return resolve_run(config_json, values, config_path, same_modalities=True)
+
+
 MAIN = RunParameters(MAIN_RUN_PARAMETERS, "pipelines.run_parameters:resolve_run")
+
+# The diagnose pipeline's: the main ones but publishing and the modalities (its loops are
+# unrolled over the compiled ones), and two folds by default, enough to pair the differences.
+DIAGNOSE_FOLDS = [0, 1]
+DIAGNOSE = RunParameters(
+    tuple(
+        RunParameter(
+            "folds",
+            List[int],
+            "Which folds to train for every variant; default [0, 1], the first two (enough to "
+            "pair the differences); empty: every fold 0..cv_folds-1.",
+            default=lambda _config, _runtime: list(DIAGNOSE_FOLDS),
+        )
+        if p.name == "folds"
+        else p
+        for p in MAIN_RUN_PARAMETERS
+        if p.name not in ("models_uri", "image_modalities", "use_metadata")
+    ),
+    "pipelines.run_parameters:resolve_diagnose_run",
+)
+DIAGNOSE_PIPELINE_NAME = "dfu-kfp-diagnose"
 
 
 def for_pipeline(name: str) -> RunParameters:
     """The run parameters of the pipeline called ``name`` (as compiled)."""
-    return {"dfu-kfp": MAIN}.get(name, MAIN)
+    return {"dfu-kfp": MAIN, DIAGNOSE_PIPELINE_NAME: DIAGNOSE}.get(name, MAIN)
 
 
 def parameter_table(parameters: RunParameters = MAIN) -> list[tuple[str, str, str]]:

@@ -10,20 +10,34 @@ import yaml
 
 from dfu_ml.config import load_config
 from pipelines.acceptance import check_pipeline, check_run_arguments
-from pipelines.pipeline import compile_pipeline, expected_placement
-from pipelines.run_parameters import MAIN
+from pipelines.cli import expectations
+from pipelines.diagnose import build_diagnose_pipeline
+from pipelines.pipeline import PIPELINE_NAME, build_pipeline, compile_pipeline
 
 VARIANTS = {
-    "paper": ("paper", []),
-    "smoke": ("smoke", []),
-    "metadata-only": ("paper", ["modalities=metadata"]),
-    "three-modalities": ("paper", ["modalities=metadata,depth_rgb,depth_map,thermal_map"]),
-    "images-only": ("smoke", ["modalities=depth_rgb"]),
+    "paper": ("paper", [], build_pipeline),
+    "smoke": ("smoke", [], build_pipeline),
+    "metadata-only": ("paper", ["modalities=metadata"], build_pipeline),
+    "three-modalities": (
+        "paper",
+        ["modalities=metadata,depth_rgb,depth_map,thermal_map"],
+        build_pipeline,
+    ),
+    "images-only": ("smoke", ["modalities=depth_rgb"], build_pipeline),
+    "diagnose-paper": ("paper", [], build_diagnose_pipeline),
+    "diagnose-smoke-one-modality": (
+        "smoke",
+        ["modalities=metadata,depth_rgb"],
+        build_diagnose_pipeline,
+    ),
 }
 
 
 def _check(text: str) -> list[str]:
-    return check_pipeline(text, expected_placement(), MAIN.kfp_types())
+    """The acceptance check with what the pipeline of that name must satisfy."""
+    name = next(yaml.safe_load_all(text))["pipelineInfo"]["name"]
+    placement, types = expectations(name)
+    return check_pipeline(text, placement, types)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +45,43 @@ def compiled(tmp_path_factory):
     """Each variant's compiled YAML text."""
     root = tmp_path_factory.mktemp("compiled")
     return {
-        name: compile_pipeline(load_config(profile, overrides), root / f"{name}.yaml").read_text()
-        for name, (profile, overrides) in VARIANTS.items()
+        name: compile_pipeline(
+            load_config(profile, overrides), root / f"{name}.yaml", build=build
+        ).read_text()
+        for name, (profile, overrides, build) in VARIANTS.items()
     }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_compiled_variant_is_accepted(compiled, variant):
     assert _check(compiled[variant]) == []
+
+
+def test_the_diagnose_pipeline_is_checked_as_its_own(compiled):
+    """Its GPU step is the variant step, not the main pipeline's stages: checked against the main
+    pipeline's placement it is rejected, against its own it is accepted (above)."""
+    from pipelines.pipeline import expected_placement
+    from pipelines.run_parameters import DIAGNOSE
+
+    problems = check_pipeline(
+        compiled["diagnose-paper"], expected_placement(), DIAGNOSE.kfp_types()
+    )
+    assert any("diagnose-variant" in p for p in problems), problems
+    spec = next(yaml.safe_load_all(compiled["diagnose-paper"]))
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        p.name for p in DIAGNOSE.parameters
+    }
+
+
+def test_dfu_kfp_check_accepts_the_compiled_diagnose_pipeline(compiled, tmp_path, capsys):
+    from pipelines.cli import main
+
+    path = tmp_path / "diagnose.yaml"
+    path.write_text(compiled["diagnose-paper"])
+    assert main(["check", str(path), "data=s3://b/p", "folds=[0, 1, 2]"]) == 0
+    assert "accepted" in capsys.readouterr().out
+    assert main(["check", str(path), "data=s3://b/p", "models_uri=s3://m"]) == 2
+    assert "models_uri" in capsys.readouterr().err
 
 
 def _broken(text: str, damage) -> str:
@@ -169,7 +212,7 @@ def compiled_with_cache(tmp_path_factory):
 
 def test_compilation_cache_claim_lands_on_exactly_the_gpu_steps(compiled_with_cache):
     text, runtime = compiled_with_cache
-    assert check_pipeline(text, expected_placement(runtime), MAIN.kfp_types()) == []
+    assert check_pipeline(text, *expectations(PIPELINE_NAME, runtime)) == []
     spec, platform = yaml.safe_load_all(text)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounted = {name for name, e in executors.items() if e.get("pvcMount")}
@@ -185,7 +228,7 @@ def test_compilation_cache_claim_lands_on_exactly_the_gpu_steps(compiled_with_ca
         assert env["JAX_COMPILATION_CACHE_DIR"] == "/cache/jax"
         assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/cache/")
     # Without the claim expected, or with it expected but missing, the check says which step.
-    problems = check_pipeline(text, expected_placement(), MAIN.kfp_types())
+    problems = check_pipeline(text, *expectations(PIPELINE_NAME))
     assert any("stage1-fusion" in p and CACHE_CLAIM in p for p in problems), problems
 
 
@@ -204,9 +247,7 @@ def test_a_compilation_cache_claim_on_a_cpu_step_is_rejected(compiled_with_cache
             "pvcMount": executors["exec-stage2-finetune"].pop("pvcMount")
         }
 
-    problems = check_pipeline(
-        _broken(text, move_claim), expected_placement(runtime), MAIN.kfp_types()
-    )
+    problems = check_pipeline(_broken(text, move_claim), *expectations(PIPELINE_NAME, runtime))
     assert any("exec-evaluate-folds" in p and "mounts claims" in p for p in problems), problems
     assert any(
         "exec-stage2-finetune " in p and "expected ['dfu-compile-cache']" in p for p in problems

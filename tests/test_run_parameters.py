@@ -12,21 +12,23 @@ import yaml
 
 from dfu_ml.config import config_from_json, load_config
 from dfu_ml.errors import ConfigError
-from pipelines.run_parameters import MAIN, resolve_run
+from pipelines.run_parameters import DIAGNOSE, MAIN, for_pipeline, resolve_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _resolve(config, tmp_path, **values):
+def _resolve(config, tmp_path, parameters=MAIN, **values):
     """Run the generated resolve component's function as the pipeline's first step does."""
     out = tmp_path / "config.json"
     defaults = {
         name: p.default
-        for name, p in MAIN.signature(config, SimpleNamespace(models_uri="")).parameters.items()
+        for name, p in parameters.signature(
+            config, SimpleNamespace(models_uri="")
+        ).parameters.items()
         if p.default is not p.empty
     }
-    arguments = {p.name: {**defaults, **values}[p.name] for p in MAIN.resolved}
-    folds = MAIN.resolve_function()(
+    arguments = {p.name: {**defaults, **values}[p.name] for p in parameters.resolved}
+    folds = parameters.resolve_function()(
         config_json=config.to_json(),
         code_version="test",
         config=SimpleNamespace(path=str(out)),
@@ -101,8 +103,7 @@ def test_every_documented_cluster_command_compiles_passes_acceptance_and_resolve
     from kfp.cli.utils.parsing import parse_parameter_value
 
     from pipelines.acceptance import check_pipeline, check_run_arguments
-    from pipelines.cli import build_parser
-    from pipelines.pipeline import expected_placement
+    from pipelines.cli import build_parser, expectations
 
     commands = _readme_commands()
     compiles = [c for c in commands if c[0] == "dfu-kfp"]
@@ -123,8 +124,9 @@ def test_every_documented_cluster_command_compiles_passes_acceptance_and_resolve
             for t in command[command.index("create") + 1 :]
             if "=" in t and not t.startswith("-")
         }
-        assert check_pipeline(package, expected_placement(), MAIN.kfp_types()) == [], command
         spec = next(yaml.safe_load_all(package.read_text()))
+        name = spec["pipelineInfo"]["name"]
+        assert check_pipeline(package, *expectations(name)) == [], command
         assert check_run_arguments(spec, arguments) == [], command
         config = config_from_json(
             spec["root"]["dag"]["tasks"]["resolve-config"]["inputs"]["parameters"]["config_json"][
@@ -132,8 +134,12 @@ def test_every_documented_cluster_command_compiles_passes_acceptance_and_resolve
             ]["constant"]
         )
         run_values = {k: v for k, v in arguments.items() if k not in ("data", "models_uri")}
-        folds, resolved = _resolve(config, tmp_path, **run_values)
-        expected_folds = arguments.get("folds") or list(range(resolved.cv_folds))
+        parameters = for_pipeline(name)
+        folds, resolved = _resolve(config, tmp_path, parameters, **run_values)
+        default_folds = (
+            parameters.signature(config, SimpleNamespace(models_uri="")).parameters["folds"].default
+        )
+        expected_folds = arguments.get("folds", default_folds) or list(range(resolved.cv_folds))
         assert folds == expected_folds, command
         for key, value in run_values.items():
             if hasattr(resolved, key):
@@ -152,3 +158,16 @@ def test_compile_help_lists_every_run_parameter(capsys):
 
 def test_readme_points_to_the_single_declaration():
     assert "pipelines/run_parameters.py" in README.read_text()
+
+
+def test_the_diagnose_pipeline_trains_two_folds_by_default_and_keeps_its_modalities(tmp_path):
+    smoke = load_config("smoke", ["modalities=metadata,depth_rgb"])
+    assert _resolve(smoke, tmp_path, DIAGNOSE)[0] == [0, 1]
+    assert _resolve(smoke, tmp_path, DIAGNOSE, folds=[])[0] == [0, 1, 2]
+    names = {p.name for p in DIAGNOSE.parameters}
+    assert not names & {"models_uri", "image_modalities", "use_metadata"}
+    assert for_pipeline("dfu-kfp-diagnose") is DIAGNOSE and for_pipeline("dfu-kfp") is MAIN
+    with pytest.raises(ConfigError, match="compiled for .* and trains exactly those"):
+        _resolve(
+            smoke, tmp_path, DIAGNOSE, config_overrides=["modalities=metadata,depth_rgb,depth_map"]
+        )

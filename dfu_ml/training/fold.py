@@ -9,6 +9,7 @@ so a metadata-only run and a fusion run with the same seed validate on the same 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,22 +19,14 @@ from dfu_ml.data.prepare import PreparedDataset
 from dfu_ml.data.schema import PATIENT_COLUMN
 from dfu_ml.errors import DataError
 from dfu_ml.folds import patient_folds, sample_patients
-from dfu_ml.training import models
 from dfu_ml.training.clinical_rf import clinical_rf_probabilities
 from dfu_ml.training.metrics import evaluate_predictions
-from dfu_ml.training.resampling import (
-    EQUAL_ALPHA,
-    class_counts,
-    compute_focal_alpha,
-    resample_indices,
-)
-from dfu_ml.training.stages import (
-    StageData,
-    encoder_of,
-    pretrain_image_encoder,
-    train_stage1,
-    train_stage2,
-)
+from dfu_ml.training.resampling import class_counts, focal_alpha, resample_indices
+
+# Keras (TensorFlow: about 7 s of CPU to import) is imported only where a stage builds or trains
+# a model: the split, forest and evaluation steps import this module too, each in its own process.
+if TYPE_CHECKING:
+    from dfu_ml.training.stages import StageData
 
 FINAL_FIT = -1
 
@@ -75,7 +68,11 @@ def training_rows(
 
 
 def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
-    """Resampling and alpha for one fold (stage 1 of TRAINING.md), as a JSON-ready plan."""
+    """Resampling and alpha for one fold (stage 1 of TRAINING.md), as a JSON-ready plan.
+
+    Its alphas are those of ``config``; each stage derives its own (:func:`stage_alpha`) from the
+    plan's class counts and the stage's configuration, so one plan serves every variant of
+    ``dfu-kfp diagnose``."""
     rows = training_rows(dataset, config)
     visits = dataset.visits
     visit_ids = np.unique(rows["visit_index"])
@@ -106,12 +103,7 @@ def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
         # (seed, fold + 1): a distinct stream per fold, the final fit (-1) included, for any seed.
         resample_indices(labels[train_rows], config.resampling, (config.seed, fold + 1))
     ]
-    alpha = compute_focal_alpha(labels[train_rows], config.alpha_max_ratio)
-    pretrain_alpha = {
-        "equal": EQUAL_ALPHA,
-        "capped": alpha,
-        "uncapped": compute_focal_alpha(labels[train_rows], None),
-    }[config.pretrain_alpha]
+    counts = class_counts(labels[train_rows])
     return {
         "fold": fold,
         "modalities": config.modalities,
@@ -120,9 +112,9 @@ def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
         "val_rows": val_rows.tolist(),
         "train_patients": train_patients.tolist(),
         "val_patients": val_patients.tolist(),
-        "alpha_fusion": alpha,
-        "alpha_pretrain": list(pretrain_alpha),
-        "class_counts_train": class_counts(labels[train_rows]).tolist(),
+        "alpha_fusion": focal_alpha(config.fusion_alpha, counts, config.alpha_max_ratio),
+        "alpha_pretrain": focal_alpha(config.pretrain_alpha, counts, config.alpha_max_ratio),
+        "class_counts_train": counts.tolist(),
         "class_counts_resampled": class_counts(labels[resampled]).tolist(),
         "class_counts_val": class_counts(labels[val_rows]).tolist(),
     }
@@ -154,6 +146,8 @@ def model_inputs(
     modalities=None,
 ) -> dict:
     """Model inputs for the given rows: images (raw [0, 255] as float32) and RF probabilities."""
+    from dfu_ml.training import models
+
     row_idx = np.asarray(row_idx, dtype=int)
     inputs = {}
     set_idx = rows["set_index"].to_numpy()[row_idx]
@@ -172,6 +166,8 @@ def _labels(rows: pd.DataFrame, idx) -> np.ndarray:
 
 def stage_data(dataset, config, plan, rf_proba, modalities=None) -> StageData:
     """A stage's arrays: resampled training rows and validation rows (none for the final fit)."""
+    from dfu_ml.training.stages import StageData
+
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
     x_train = model_inputs(dataset, config, rows, train, rf_proba, modalities)
@@ -181,11 +177,22 @@ def stage_data(dataset, config, plan, rf_proba, modalities=None) -> StageData:
     return StageData(x_train, _labels(rows, train), x_val, _labels(rows, val))
 
 
+def stage_alpha(plan: dict, config: Config, stage: str) -> list[float]:
+    """The focal alpha of ``stage`` (``pretrain`` or ``fusion``): ``config``'s setting for it
+    (``pretrain_alpha``, RC1; ``fusion_alpha``, RC2) over the plan's training class counts."""
+    setting = config.pretrain_alpha if stage == "pretrain" else config.fusion_alpha
+    return focal_alpha(setting, plan["class_counts_train"], config.alpha_max_ratio)
+
+
 def run_pretrain(
     dataset, config, plan, modality, out_dir: Path | None = None, epochs=None, log=print
 ):
+    from dfu_ml.training import models
+    from dfu_ml.training.stages import encoder_of, pretrain_image_encoder
+
     data = stage_data(dataset, config, plan, None, [modality])
-    result = pretrain_image_encoder(modality, data, config, plan["alpha_pretrain"], epochs, log)
+    alpha = stage_alpha(plan, config, "pretrain")
+    result = pretrain_image_encoder(modality, data, config, alpha, epochs, log)
     if out_dir is not None:
         models.save_encoder(
             encoder_of(result.model, modality),
@@ -199,17 +206,24 @@ def run_pretrain(
                 "summary": result.summary(),
             },
         )
+        models.save_output_layer(result.model, out_dir)
     return result
 
 
 def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
+    from dfu_ml.training.stages import train_stage1
+
     data = stage_data(dataset, config, plan, rf_proba)
-    return train_stage1(data, config, plan["alpha_fusion"], encoder_dirs, epochs, log)
+    return train_stage1(
+        data, config, stage_alpha(plan, config, "fusion"), encoder_dirs, epochs, log
+    )
 
 
 def run_stage2(dataset, config, plan, rf_proba, stage1, epochs=None, log=print):
+    from dfu_ml.training.stages import train_stage2
+
     data = stage_data(dataset, config, plan, rf_proba)
-    return train_stage2(stage1, data, config, plan["alpha_fusion"], epochs, log)
+    return train_stage2(stage1, data, config, stage_alpha(plan, config, "fusion"), epochs, log)
 
 
 def fold_predictions(dataset, config, plan, rf_proba, proba=None) -> dict:

@@ -1,7 +1,9 @@
 """Classification metrics, reported the same way everywhere.
 
 The monitored validation kappa, the checkpoints and the reports all use quadratic-weighted Cohen's
-kappa computed over the whole validation set (never a batch average), under one name.
+kappa computed over the whole validation set (never a batch average), under one name. The one
+exception, :func:`batch_kappa`, replays the study's pre-training monitor for ``dfu-kfp diagnose``
+(``pretrain_monitor: batch_kappa``, RC1); nothing reports it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix,
 from dfu_ml.data.schema import CLASS_NAMES, NUM_CLASSES
 
 KAPPA = "val_quadratic_kappa"
+BATCH_KAPPA = "val_batch_kappa"
 LABELS = list(range(NUM_CLASSES))
 
 
@@ -24,6 +27,20 @@ def quadratic_kappa(y_true, y_pred) -> float:
         return 0.0
     value = cohen_kappa_score(y_true, y_pred, weights="quadratic", labels=LABELS)
     return 0.0 if np.isnan(value) else float(value)
+
+
+def batch_kappa(y_true, y_pred, batch_size: int) -> float:
+    """The study's monitored kappa (RC1): unweighted Cohen's kappa of each validation batch of
+    ``batch_size`` rows, averaged over the batches; a batch where it is undefined counts as 0."""
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    values = []
+    for start in range(0, len(y_true), max(1, batch_size)):
+        t, p = y_true[start : start + batch_size], y_pred[start : start + batch_size]
+        value = 0.0
+        if len(np.unique(np.concatenate([t, p]))) > 1:
+            value = cohen_kappa_score(t, p, labels=LABELS)
+        values.append(0.0 if np.isnan(value) else float(value))
+    return float(np.mean(values)) if values else float("nan")
 
 
 def classification_metrics(y_true, proba) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from dfu_ml.data.schema import NUM_CLASSES
@@ -26,6 +27,7 @@ IMAGE_CLASSIFIER = "image_classifier"
 FUSION_LAYER = "fusion"
 ENCODER_FILE = "encoder.keras"
 ENCODER_CONFIG = "encoder.json"
+OUTPUT_LAYER_FILE = "output_layer.npz"
 
 APPLICATIONS = {
     "EfficientNetB0": "efficientnet.EfficientNetB0",
@@ -457,3 +459,25 @@ def load_encoder_into(model: keras.Model, modality: str, directory: Path) -> Non
     loaded = keras.saving.load_model(directory / ENCODER_FILE, compile=False)
     target = model.get_layer(encoder_name(modality))
     target.set_weights(loaded.get_weights())
+
+
+def save_output_layer(image_model: keras.Model, directory: Path) -> None:
+    """Keep the pre-trained classifier's weights beside its encoder. Stage 1 leaves them out
+    unless ``transfer_output_layer`` is set: the study carried a collapsed one over (RC1)."""
+    kernel, bias = image_model.get_layer(OUTPUT_LAYER).get_weights()
+    np.savez(Path(directory) / OUTPUT_LAYER_FILE, kernel=kernel, bias=bias)
+
+
+def load_output_layer_into(model: keras.Model, encoder_dirs: dict) -> None:
+    """Start the fusion model's image classifier from the pre-trained output layers. With several
+    modalities the classifier reads a projection of all their features, of the same width as
+    each encoder's: it starts from the mean of their output layers."""
+    saved = []
+    for modality, directory in encoder_dirs.items():
+        path = Path(directory) / OUTPUT_LAYER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the {modality} encoder has no saved output layer")
+        with np.load(path) as weights:
+            saved.append((weights["kernel"], weights["bias"]))
+    target = model.get_layer(IMAGE_CLASSIFIER)
+    target.set_weights([np.mean([w[i] for w in saved], axis=0) for i in (0, 1)])

@@ -19,7 +19,12 @@ def compute_focal_alpha(labels: np.ndarray, max_ratio: float | None = 3.0) -> li
     The cap keeps max/min <= ``max_ratio`` (the study's uncapped [0.60, 0.31, 2.09] made the model
     predict the rare class everywhere). ``max_ratio=None`` gives the uncapped, pre-fix alphas.
     """
-    counts = class_counts(labels).astype(float)
+    return alpha_from_counts(class_counts(labels), max_ratio)
+
+
+def alpha_from_counts(counts, max_ratio: float | None = 3.0) -> list[float]:
+    """:func:`compute_focal_alpha` from the training rows' class counts."""
+    counts = np.asarray(counts, dtype=float)
     if (counts == 0).any():
         missing = [i for i in range(NUM_CLASSES) if counts[i] == 0]
         raise ValueError(f"cannot compute focal alpha: no training rows of class(es) {missing}")
@@ -66,3 +71,12 @@ def resample_indices(labels: np.ndarray, strategy: str, seed: int | tuple[int, .
             chosen.append(np.concatenate([idx, extra]))
     out = np.concatenate(chosen)
     return np.sort(out)
+
+
+def focal_alpha(setting: str, counts, max_ratio: float) -> list[float]:
+    """The focal-loss alpha a stage trains with: ``equal`` ([1, 1, 1], RC1's fix for
+    pre-training), ``capped`` (RC2's fix) or ``uncapped`` (the study's inverse frequencies), from
+    the original training rows' class counts."""
+    if setting == "equal":
+        return list(EQUAL_ALPHA)
+    return alpha_from_counts(counts, max_ratio if setting == "capped" else None)

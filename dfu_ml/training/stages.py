@@ -30,9 +30,11 @@ import numpy as np
 from dfu_ml.config import Config
 from dfu_ml.data.schema import NUM_CLASSES
 from dfu_ml.training import models
-from dfu_ml.training.metrics import KAPPA, quadratic_kappa
+from dfu_ml.training.metrics import BATCH_KAPPA, KAPPA, batch_kappa, quadratic_kappa
 
 Log = Callable[[str], None]
+# What ``pretrain_monitor`` names: the epoch-log key early stopping follows.
+MONITORS = {"quadratic_kappa": KAPPA, "batch_kappa": BATCH_KAPPA}
 
 
 @dataclass
@@ -206,14 +208,24 @@ class ValidationKappa(keras.callbacks.Callback):
     """Puts the whole-validation-set quadratic kappa into the epoch logs under :data:`KAPPA`.
 
     It must come before EarlyStopping in the callback list, so that EarlyStopping sees it.
+    ``batch_kappa_rows`` > 0 also logs the study's batch-averaged unweighted kappa over batches
+    of that many rows (:data:`BATCH_KAPPA`, for ``pretrain_monitor: batch_kappa``).
     """
 
     def __init__(
-        self, inputs: dict, labels: np.ndarray, batch_size: int, stage: str, log: Log, epochs: int
+        self,
+        inputs: dict,
+        labels: np.ndarray,
+        batch_size: int,
+        stage: str,
+        log: Log,
+        epochs: int,
+        batch_kappa_rows: int = 0,
     ):
         super().__init__()
         self.rows, self.labels = FixedBatches(inputs, batch_size), np.asarray(labels)
         self.stage, self.log, self.epochs = stage, log, epochs
+        self.batch_kappa_rows = batch_kappa_rows
         self.rows_scored, self.seconds = 0, 0.0
 
     def on_epoch_end(self, epoch, logs=None):
@@ -226,6 +238,8 @@ class ValidationKappa(keras.callbacks.Callback):
         logs[KAPPA] = quadratic_kappa(self.labels, predicted)
         logs["val_accuracy"] = float((predicted == self.labels).mean())
         logs["val_predicted_classes"] = int(len(np.unique(predicted)))
+        if self.batch_kappa_rows:
+            logs[BATCH_KAPPA] = batch_kappa(self.labels, predicted, self.batch_kappa_rows)
         self.log(
             f"  {self.stage} epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} "
             f"{KAPPA} {logs[KAPPA]:.4f} val_accuracy {logs['val_accuracy']:.3f}"
@@ -291,6 +305,9 @@ class FitSettings:
     jit_compile: str = "auto"  # auto (Keras's choice) | compiled | eager: see Config
     predict_batch_size: int = 256
     seed: int = 0  # the batch order's
+    # What early stopping monitors and the best epoch is chosen by; the reported kappa is always
+    # :data:`KAPPA` of the returned weights. Only pre-training may replay the study's monitor (RC1).
+    monitor: str = KAPPA
 
     @classmethod
     def for_stage(cls, config: Config, stage: str, epochs: int | None = None) -> FitSettings:
@@ -307,6 +324,7 @@ class FitSettings:
             jit_compile=config.jit_compile,
             predict_batch_size=config.predict_batch_size,
             seed=config.seed,
+            monitor=MONITORS[config.pretrain_monitor] if stage == "pretrain" else KAPPA,
         )
 
 
@@ -351,12 +369,13 @@ def _fit(
             stage=stage,
             log=log,
             epochs=epochs,
+            batch_kappa_rows=batch if settings.monitor == BATCH_KAPPA else 0,
         )
         callbacks = [
             timer,
             kappa,
             keras.callbacks.EarlyStopping(
-                monitor=KAPPA,
+                monitor=settings.monitor,
                 mode="max",
                 patience=settings.patience,
                 restore_best_weights=True,
@@ -372,7 +391,7 @@ def _fit(
     if data.has_val:
         # Keras restores the best epoch's weights at the end of fit (first maximum wins, as
         # EarlyStopping only moves on a strict improvement): read it from the history.
-        best_epoch = int(np.argmax(history[KAPPA])) + 1
+        best_epoch = int(np.argmax(history[settings.monitor])) + 1
         best_kappa = float(history[KAPPA][best_epoch - 1])
         rows_scored = kappa.rows_scored
     else:
@@ -540,7 +559,9 @@ def train_stage1(
     trainable parameters); ``stage1_freeze=encoder`` freezes the encoder's head too. Either way
     the frozen backbones run once, on every row, and the layers above them train on their cached
     output (``stage1_cached_features``, :func:`_fit_on_cached_features`); ``false`` runs them on
-    every step, as before.
+    every step, as before. The image classifier starts fresh unless ``transfer_output_layer``
+    carries the pre-trained one over (the study's RC1: a collapsed classifier frozen into the
+    fusion model).
     """
     seed_everything(config.seed, jit_compile=config.jit_compile)
     model = build_fusion_for(config)
@@ -548,6 +569,9 @@ def train_stage1(
     for modality, directory in (encoder_dirs or {}).items():
         models.load_encoder_into(model, modality, Path(directory))
         log(f"stage1: loaded the {modality} encoder from {directory}")
+    if config.transfer_output_layer:
+        models.load_output_layer_into(model, encoder_dirs or {})
+        log("stage1: image classifier initialised from the pre-trained output layer(s)")
     if config.stage1_freeze == "encoder":
         models.freeze_encoders(model, modalities)
     else:
@@ -571,7 +595,8 @@ def train_stage2(
     log: Log = _print,
 ) -> StageResult:
     """Stage 2: unfreeze the top of each backbone (BatchNorm stays frozen), fine-tune at a low
-    rate (RC4: 1e-5, not 1e-6), and keep Stage 1's weights when Stage 2 does not improve."""
+    rate (RC4: 1e-5, not 1e-6), and keep Stage 1's weights when Stage 2 does not improve
+    (``stage2_keep_better: false`` uses Stage 2's weights regardless, as the study did: RC4)."""
     model = stage1.model
     seed_everything(config.seed + 1, model, config.jit_compile)
     stage1_weights = model.get_weights()
@@ -582,7 +607,8 @@ def train_stage2(
     result = _fit("stage2", model, data, alpha, settings, log)
     has_val = data.has_val
     improved = has_val and result.best_val_kappa > stage1.best_val_kappa
-    if has_val and not improved:
+    kept = bool(has_val and not improved and config.stage2_keep_better)
+    if kept:
         model.set_weights(stage1_weights)
     # The kappa of the weights actually returned, measured, not assumed (the study logged "kept
     # Stage 1" while using Stage 2's weights).
@@ -591,7 +617,6 @@ def train_stage2(
     final_kappa = (
         quadratic_kappa(data.y_val, result.val_proba.argmax(1)) if has_val else float("nan")
     )
-    kept = bool(has_val and not improved)
     result.extra.update(
         {
             "improved_on_stage1": bool(improved),
@@ -602,18 +627,20 @@ def train_stage2(
             **fusion_summary(model),
         }
     )
-    log(
-        "stage2: "
-        + (
-            f"improved on Stage 1 ({result.best_val_kappa:.4f} > "
-            f"{stage1.best_val_kappa:.4f}); using Stage 2's weights"
-            if improved
-            else f"did not improve on Stage 1 ({result.best_val_kappa:.4f} <= "
-            f"{stage1.best_val_kappa:.4f}); keeping Stage 1's weights"
-            if has_val
-            else "trained a fixed number of epochs (no validation rows)"
+    if not has_val:
+        outcome = "trained a fixed number of epochs (no validation rows)"
+    elif improved:
+        outcome = (
+            f"improved on Stage 1 ({result.best_val_kappa:.4f} > {stage1.best_val_kappa:.4f}); "
+            "using Stage 2's weights"
         )
-    )
+    else:
+        outcome = (
+            f"did not improve on Stage 1 ({result.best_val_kappa:.4f} <= "
+            f"{stage1.best_val_kappa:.4f}); "
+            + ("keeping Stage 1's weights" if kept else "using Stage 2's weights anyway")
+        )
+    log(f"stage2: {outcome}")
     return result
 
 
