@@ -1,4 +1,4 @@
-"""The ``dfu-kfp`` command: synth, run, compile, predict.
+"""The ``dfu-kfp`` command: synth, run, search, compile, check, predict.
 
 Every expected error is one ``error:`` line on standard error (exit 2) that names the file, row,
 column or key at fault. An unexpected exception is one line too, pointing at the log file that
@@ -68,6 +68,32 @@ def _run(args) -> None:
         raise SystemExit(1)
 
 
+def _search_settings(args):
+    """What a search compares and publishes, from --combinations or --all."""
+    from dfu_ml.search import SearchSettings, all_combinations
+
+    if not args.all and not args.combinations:
+        raise ConfigError("a search needs --combinations C [C ...] or --all")
+    combinations = all_combinations() if args.all else args.combinations
+    return SearchSettings.from_values(combinations, args.final_model, args.bootstrap)
+
+
+def _search(args) -> None:
+    from pipelines.search import run_search_local
+
+    settings = _search_settings(args)
+    config, runtime = _settings(args)
+    run_search_local(
+        config,
+        settings,
+        args.data,
+        args.out,
+        synth_patients=args.synth_patients,
+        runner=args.runner,
+        runtime=runtime,
+    )
+
+
 def _compile(args) -> None:
     from pipelines.pipeline import compile_pipeline
     from pipelines.settings import unpinned_warning
@@ -76,7 +102,14 @@ def _compile(args) -> None:
     warning = unpinned_warning(runtime)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    path = compile_pipeline(config, args.output, runtime)
+    if args.pipeline == "search":
+        from pipelines.search import compile_search_pipeline
+
+        path = compile_search_pipeline(config, _search_settings(args), args.output, runtime)
+    else:
+        if args.all or args.combinations:
+            raise ConfigError("--combinations and --all belong to --pipeline search")
+        path = compile_pipeline(config, args.output, runtime)
     print(
         f"wrote {path}; upload it in the KFP UI (Pipelines -> Upload pipeline) or run:\n"
         f"  kfp --endpoint http://KFP_HOST -n NAMESPACE run create -e EXPERIMENT -r RUN "
@@ -108,7 +141,6 @@ def _check(args) -> None:
     from kfp.cli.utils.parsing import parse_parameter_value
 
     from pipelines.acceptance import PipelineRejected, check_pipeline, check_run_arguments
-    from pipelines.pipeline import expected_placement
     from pipelines.run_parameters import for_pipeline
     from pipelines.settings import load_runtime
 
@@ -117,8 +149,9 @@ def _check(args) -> None:
         raise ConfigError(f"{path}: no such pipeline file; compile one with dfu-kfp compile")
     runtime = load_runtime(args.runtime, args.set)
     spec = next(yaml.safe_load_all(path.read_text()))
-    parameters = for_pipeline(spec.get("pipelineInfo", {}).get("name", ""))
-    problems = check_pipeline(path, expected_placement(runtime), parameters.kfp_types())
+    name = spec.get("pipelineInfo", {}).get("name", "")
+    parameters = for_pipeline(name)
+    problems = check_pipeline(path, placement_for(name, runtime), parameters.kfp_types())
     arguments = {}
     for text in args.arguments:
         if "=" not in text:
@@ -133,8 +166,19 @@ def _check(args) -> None:
     print(f"{path}: accepted (schema, references, run parameters, Kubernetes settings)")
 
 
+def placement_for(pipeline_name: str, runtime):
+    """Which components of the pipeline called ``pipeline_name`` run on GPUs or reach storage."""
+    from pipelines.run_parameters import SEARCH_PIPELINE_NAME
+
+    if pipeline_name == SEARCH_PIPELINE_NAME:
+        from pipelines.search import expected_placement
+    else:
+        from pipelines.pipeline import expected_placement
+    return expected_placement(runtime)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.run_parameters import parameter_table
+    from pipelines.run_parameters import SEARCH, SEARCH_SETTINGS, parameter_table
 
     parser = argparse.ArgumentParser(
         prog="dfu-kfp",
@@ -192,16 +236,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_run)
 
+    def search_args(p):
+        p.add_argument(
+            "--combinations",
+            nargs="+",
+            metavar="COMBINATION",
+            help="modalities joined by '+', e.g. metadata depth_rgb metadata+depth_rgb "
+            "(metadata-only, the baseline, is always compared)",
+        )
+        p.add_argument(
+            "--all",
+            action="store_true",
+            help="the study's 15: every combination of metadata, depth_rgb, depth_map, thermal_map",
+        )
+        p.add_argument(
+            "--final-model",
+            default="ensemble",
+            help="what publish pushes: ensemble (default), best, or one combination",
+        )
+        p.add_argument(
+            "--bootstrap",
+            type=int,
+            default=1000,
+            help="patient-bootstrap replicates per paired difference (0: no intervals)",
+        )
+
+    search = sub.add_parser(
+        "search",
+        help="compare modality combinations on the same patient folds, locally (kfp.local)",
+    )
+    config_args(search, "smoke")
+    search_args(search)
+    search.add_argument("--data", help="dataset folder or s3://bucket/prefix (default: synthetic)")
+    search.add_argument(
+        "--out", type=Path, default=Path("runs") / "search", help="output folder (runs/search)"
+    )
+    search.add_argument("--synth-patients", type=int, default=40)
+    search.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="as for dfu-kfp run",
+    )
+    search.set_defaults(func=_search)
+
     parameters = "\n".join(f"  {n} ({t}): {h}" for n, t, h in parameter_table())
+    search_parameters = "\n".join(
+        f"  {n} ({t}): {h}" for n, t, h in parameter_table(SEARCH) if n in SEARCH_SETTINGS
+    )
     comp = sub.add_parser(
         "compile",
         help="compile the pipeline to YAML for a KFP backend",
         description="Compile the pipeline for a KFP backend. Run parameters (kfp run create "
-        f"... key=value):\n{parameters}",
+        f"... key=value):\n{parameters}\nThe search (--pipeline search) takes data, "
+        "models_uri and the training parameters above but not image_modalities, use_metadata "
+        f"or folds, and:\n{search_parameters}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_args(comp, "paper")
     comp.add_argument("--output", required=True, type=Path)
+    comp.add_argument(
+        "--pipeline",
+        choices=("main", "search"),
+        default="main",
+        help="the training pipeline (default) or the modality-combination search",
+    )
+    search_args(comp)
     comp.set_defaults(func=_compile)
 
     check = sub.add_parser(
@@ -232,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _crash_log(args) -> Path:
     """Where an unexpected traceback goes: the run's log, or a new file for other commands."""
-    if getattr(args, "command", None) == "run":
+    if getattr(args, "command", None) in ("run", "search"):
         path = Path(args.out).resolve() / "logs" / "pipeline.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

@@ -73,13 +73,15 @@ def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacem
     )
 
 
+def component(func, image: str):
+    """A step's component in ``image`` (which holds the project, so kfp is not installed)."""
+    return dsl.component(func, base_image=image, install_kfp_package=False)
+
+
 class Steps:
     """The pipeline's components, bound to their images (CPU or GPU)."""
 
     def __init__(self, images: dict):
-        def component(func, image):
-            return dsl.component(func, base_image=image, install_kfp_package=False)
-
         cpu, gpu = images["cpu"], images["gpu"]
         self.resolve = component(MAIN.resolve_function(), cpu)
         self.prepare = component(prepare_data, cpu)

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from dfu_ml.config import load_config
+from dfu_ml.search import SearchSettings, all_combinations
 from pipelines.acceptance import check_pipeline, check_run_arguments
 from pipelines.pipeline import compile_pipeline, expected_placement
-from pipelines.run_parameters import MAIN
+from pipelines.run_parameters import MAIN, SEARCH
 
 VARIANTS = {
     "paper": ("paper", []),
@@ -18,6 +19,15 @@ VARIANTS = {
     "metadata-only": ("paper", ["modalities=metadata"]),
     "three-modalities": ("paper", ["modalities=metadata,depth_rgb,depth_map,thermal_map"]),
     "images-only": ("smoke", ["modalities=depth_rgb"]),
+}
+
+
+# The modality-combination search (pipelines/search.py): profile, combinations, final model.
+SEARCH_VARIANTS = {
+    "search-all": ("paper", all_combinations(), "ensemble"),
+    "search-smoke-best": ("smoke", ["metadata", "depth_rgb", "metadata+depth_rgb"], "best"),
+    "search-metadata-only": ("paper", ["metadata"], "ensemble"),
+    "search-images-only": ("smoke", ["depth_rgb", "thermal_map"], "thermal_map"),
 }
 
 
@@ -38,6 +48,23 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_compiled_variant_is_accepted(compiled, variant):
     assert _check(compiled[variant]) == []
+
+
+@pytest.mark.parametrize("variant", SEARCH_VARIANTS)
+def test_every_compiled_search_variant_is_accepted(tmp_path, variant):
+    from pipelines.search import compile_search_pipeline
+    from pipelines.search import expected_placement as search_placement
+
+    profile, combinations, final_model = SEARCH_VARIANTS[variant]
+    settings = SearchSettings.from_values(combinations, final_model)
+    path = compile_search_pipeline(load_config(profile), settings, tmp_path / f"{variant}.yaml")
+    assert check_pipeline(path, search_placement(), SEARCH.kfp_types()) == []
+    spec = next(yaml.safe_load_all(path.read_text()))
+    assert check_run_arguments(spec, {"data": "s3://b/p", "combinations": ["depth_map"]}) == []
+    # Judged by the main pipeline's placement, the search's GPU steps would be misplaced: the
+    # check above really looked at them.
+    if settings.image_combinations:
+        assert check_pipeline(path, expected_placement(), SEARCH.kfp_types()) != []
 
 
 def _broken(text: str, damage) -> str:
