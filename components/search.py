@@ -258,6 +258,8 @@ def run_fuse_combination(
     """Stage 1 then Stage 2 of one image combination on the fold's shared split and encoders;
     writes the model and ``fold_result.json`` (with the combination and the digests of the
     encoders it loaded) into ``out``. None when the final model does not use it."""
+    if skipped_in_final_fit(final_fit, combination, out, pretraining=False):
+        return None
     import tempfile
 
     from components.stage1 import encoder_dirs_by_modality, run_stage1
@@ -265,8 +267,6 @@ def run_fuse_combination(
     from dfu_ml.search import view_config
     from dfu_ml.training.models import ENCODER_FILE
 
-    if skipped_in_final_fit(final_fit, combination, out, pretraining=False):
-        return None
     view = view_config(config, combination)
     plan = view_plan_dir(split, combination)
     by_modality = encoder_dirs_by_modality(sorted(Path(encoders).iterdir()))

@@ -98,17 +98,18 @@ def _compile(args) -> None:
     from pipelines.pipeline import compile_pipeline
     from pipelines.settings import unpinned_warning
 
+    search = _search_settings(args) if args.pipeline == "search" else None
+    if search is None and (args.all or args.combinations):
+        raise ConfigError("--combinations and --all belong to --pipeline search")
     config, runtime = _settings(args)
     warning = unpinned_warning(runtime)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    if args.pipeline == "search":
+    if search is not None:
         from pipelines.search import compile_search_pipeline
 
-        path = compile_search_pipeline(config, _search_settings(args), args.output, runtime)
+        path = compile_search_pipeline(config, search, args.output, runtime)
     else:
-        if args.all or args.combinations:
-            raise ConfigError("--combinations and --all belong to --pipeline search")
         path = compile_pipeline(config, args.output, runtime)
     print(
         f"wrote {path}; upload it in the KFP UI (Pipelines -> Upload pipeline) or run:\n"
