@@ -7,7 +7,6 @@ requirements are followed.
 
     .venv/bin/python docker/lock_requirements.py > docker/requirements-cpu.txt
 """
-
 import configparser
 import pathlib
 import sys
@@ -22,11 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def main() -> int:
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    todo = [
-        (Requirement(line), "")
-        for line in cfg["options"]["install_requires"].splitlines()
-        if line.strip()
-    ]
+    todo = [(Requirement(line), "") for line in cfg["options"]["install_requires"].splitlines() if line.strip()]
     pins: dict[str, str] = {}
     seen: set[tuple[str, str]] = set()
     while todo:
