@@ -559,9 +559,14 @@ STEPS = ("split", "pretrain", "fuse", "evaluate")
 
 def main(argv=None) -> int:
     """``python -m components.search STEP ...``: a search step on local folders (or s3://)."""
-    parser = argparse.ArgumentParser(prog="python -m components.search", add_help=False)
-    parser.add_argument("step", choices=STEPS)
-    known, rest = parser.parse_known_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m components.search",
+        description="A step of the modality-combination search; STEP --help for its arguments.",
+    )
+    parser.add_argument("step", choices=STEPS, metavar="STEP", help=", ".join(STEPS))
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the step's arguments")
+    known = parser.parse_args(argv)
+    rest = known.arguments
     module = f"components.search {known.step}"
 
     def add_split(p):

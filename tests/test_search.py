@@ -336,3 +336,31 @@ def test_compare_search_needs_every_combination_of_every_fold():
     del folds[1]["results"]["depth_rgb"]
     with pytest.raises(ValueError, match="depth_rgb"):
         compare_search(folds, load_config("smoke"), SearchSettings.from_values(list(ACCURACY)))
+
+
+def test_the_search_steps_have_command_lines(tmp_path, prepared_synthetic):
+    import json
+
+    from components.search import main
+    from dfu_ml.data.prepare import save_prepared
+
+    prepared = tmp_path / "prepared"
+    save_prepared(prepared_synthetic, prepared)
+    out = tmp_path / "split"
+    arguments = ["split", "--prepared", prepared, "--fold", 1, "--out", out]
+    arguments += ["--combination", "depth_rgb", "--combination", "metadata+depth_rgb"]
+    assert main([str(a) for a in [*arguments, "--set", "cv_folds=2"]]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert split["fold"] == 1 and split["combinations"] == [
+        "metadata",
+        "depth_rgb",
+        "metadata+depth_rgb",
+    ]
+    for view in split["combinations"]:
+        plan = json.loads((out / "views" / view / "fold_plan.json").read_text())
+        assert plan["fold"] == 1 and plan["val_patients"] == split["val_patients"]
+    assert json.loads((out / "fold_plan.json").read_text())["modalities"] == ["metadata"]
+    for step in ("split", "pretrain", "fuse", "evaluate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([step, "--help"])
+        assert exit_info.value.code == 0

@@ -119,6 +119,29 @@ def test_search_end_to_end_then_predict_with_its_ensemble(tmp_path, capsys):
     assert set(predictions["predicted_phase"]) <= set(CLASS_NAMES)
 
 
+@pytest.mark.slow
+def test_a_metadata_only_search_runs_without_image_steps(tmp_path):
+    from pipelines.cli import main
+
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data, patients=10, seed=4, image_scale=0.05)
+    out = tmp_path / "out"
+    arguments = ["search", "--data", str(data), "--out", str(out), "--combinations", "metadata"]
+    assert main([*arguments, "--bootstrap", "50", "--set", "cv_folds=2", "rf_n_estimators=20"]) == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["combinations"] == ["metadata"]
+    # The ensemble and the nested choice of one combination are that combination.
+    rows = summary["rows"]
+    for name in ("ensemble", "nested choice"):
+        assert rows[name]["mean"]["per_visit"] == rows["metadata"]["mean"]["per_visit"]
+        assert rows[name]["paired"]["mean"]["quadratic_kappa"] == 0
+    log = (out / "logs" / "pipeline.log").read_text()
+    assert _executed(log, "pretrain-shared-encoder") == _executed(log, "fuse-combination") == 0
+    manifest = json.loads((out / "final_model" / "manifest.json").read_text())
+    assert manifest["kind"] == "combination" and manifest["members"] == ["metadata"]
+    assert "model.keras" not in manifest["files"] and "forest.joblib" in manifest["files"]
+
+
 def test_a_modality_missing_from_the_data_fails_before_anything_trains(tmp_path, capsys):
     from pipelines.cli import main
 

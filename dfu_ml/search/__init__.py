@@ -11,9 +11,10 @@ Every combination is trained on the same patient folds, so their per-fold figure
   it (the shared fold plan);
 - :mod:`dfu_ml.search.compare`: the comparison table, paired differences to metadata-only with a
   patient bootstrap, the late-fusion ensemble and the nested choice;
-- :mod:`dfu_ml.search.report`: the console, Markdown and HTML tables and the plot;
-- :mod:`dfu_ml.search.final`: which combinations the final fit trains and bundles, and the
-  ensemble bundle.
+- :mod:`dfu_ml.search.final`: which combinations the final fit trains and bundles, their
+  epochs, the blessing, and the ensemble bundle;
+- :mod:`dfu_ml.search.summary`: all of it as ``search.json``, with what the sharing saved;
+- :mod:`dfu_ml.search.report`: the console, Markdown and HTML tables and the plot.
 
 ``metadata`` alone is part of every search: it is the baseline every paired difference is taken
 against, and the clinical model it needs is fitted once per fold anyway.

@@ -13,9 +13,12 @@ Rows:
   probabilities (a visit is averaged over the combinations that scored it). Nothing is chosen or
   fitted on validation results, so its figure is not selection-biased;
 - **nested choice**: for each outer fold, the combination with the best mean per-visit kappa on
-  the *other* folds, scored on this fold. Its mean is the honest figure for "pick the best
-  combination"; the best row of the table, chosen on the same folds it is scored on, is
-  optimistic (the maximum of N noisy estimates).
+  the *other* folds (the inner folds), scored on this fold. Its mean is the honest figure for
+  "pick the best combination"; the best row of the table, chosen on the same folds it is scored
+  on, is optimistic (the maximum of N noisy estimates). A fold's choice never sees that fold's
+  validation results; the other folds' models did train on its patients, which a full nested
+  cross-validation (every combination retrained inside each outer training set, K - 1 times the
+  training) would avoid.
 
 Everything is compared **per visit**: the combinations score different image-set rows (a visit's
 image sets that have the combination's modalities), but every one of them scores visits of the

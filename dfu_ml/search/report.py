@@ -95,6 +95,7 @@ COLUMNS = (
     ("kappa_r", "kappa/row"),
     ("acc_r", "acc/r"),
     ("f1_r", "F1/r"),
+    ("class_f1_r", "F1 I/P/R /r"),
     ("delta", "Δ kappa/v vs metadata [95% CI]"),
     ("coverage", "visits"),
     ("health", "health"),

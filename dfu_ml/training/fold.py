@@ -4,6 +4,9 @@ Rows: with image modalities, one training row per image set that has every selec
 metadata-only, one row per visit. Folds are drawn over visits (grouped by patient, stratified),
 so a metadata-only run and a fusion run with the same seed validate on the same patients.
 ``fold = -1`` is the final fit: every (sampled) patient trains, nothing validates.
+
+Keras (and its backend) is imported only by the functions that build model inputs or train, so
+the steps that only plan folds or fit the clinical model start without TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from dfu_ml.data.prepare import PreparedDataset
 from dfu_ml.data.schema import PATIENT_COLUMN
 from dfu_ml.errors import DataError
 from dfu_ml.folds import patient_folds, sample_patients
-from dfu_ml.training import models
 from dfu_ml.training.clinical_rf import clinical_rf_probabilities
 from dfu_ml.training.metrics import evaluate_predictions
 from dfu_ml.training.resampling import (
@@ -26,13 +28,6 @@ from dfu_ml.training.resampling import (
     class_counts,
     compute_focal_alpha,
     resample_indices,
-)
-from dfu_ml.training.stages import (
-    StageData,
-    encoder_of,
-    pretrain_image_encoder,
-    train_stage1,
-    train_stage2,
 )
 
 FINAL_FIT = -1
@@ -171,6 +166,8 @@ def model_inputs(
     modalities=None,
 ) -> dict:
     """Model inputs for the given rows: images (raw [0, 255] as float32) and RF probabilities."""
+    from dfu_ml.training import models
+
     row_idx = np.asarray(row_idx, dtype=int)
     inputs = {}
     set_idx = rows["set_index"].to_numpy()[row_idx]
@@ -189,6 +186,8 @@ def _labels(rows: pd.DataFrame, idx) -> np.ndarray:
 
 def stage_data(dataset, config, plan, rf_proba, modalities=None) -> StageData:
     """A stage's arrays: resampled training rows and validation rows (none for the final fit)."""
+    from dfu_ml.training.stages import StageData
+
     rows = training_rows(dataset, config)
     train, val = plan["train_rows_resampled"], plan["val_rows"]
     x_train = model_inputs(dataset, config, rows, train, rf_proba, modalities)
@@ -201,6 +200,9 @@ def stage_data(dataset, config, plan, rf_proba, modalities=None) -> StageData:
 def run_pretrain(
     dataset, config, plan, modality, out_dir: Path | None = None, epochs=None, log=print
 ):
+    from dfu_ml.training import models
+    from dfu_ml.training.stages import encoder_of, pretrain_image_encoder
+
     data = stage_data(dataset, config, plan, None, [modality])
     result = pretrain_image_encoder(modality, data, config, plan["alpha_pretrain"], epochs, log)
     if out_dir is not None:
@@ -220,11 +222,15 @@ def run_pretrain(
 
 
 def run_stage1(dataset, config, plan, rf_proba, encoder_dirs: dict, epochs=None, log=print):
+    from dfu_ml.training.stages import train_stage1
+
     data = stage_data(dataset, config, plan, rf_proba)
     return train_stage1(data, config, plan["alpha_fusion"], encoder_dirs, epochs, log)
 
 
 def run_stage2(dataset, config, plan, rf_proba, stage1, epochs=None, log=print):
+    from dfu_ml.training.stages import train_stage2
+
     data = stage_data(dataset, config, plan, rf_proba)
     return train_stage2(stage1, data, config, plan["alpha_fusion"], epochs, log)
 
