@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dfu_ml.bundle import load_bundle
+from dfu_ml.bundle import load_bundle, verify_bundle
 from dfu_ml.data import schema
 from dfu_ml.data.prepare import prepare_for_config
+from dfu_ml.errors import DataError
 from dfu_ml.training.clinical_rf import ClinicalForest
 from dfu_ml.training.metrics import per_visit
 
@@ -19,26 +20,34 @@ def predict_folder(
 ) -> tuple[pd.DataFrame, dict | None]:
     """Probabilities and the predicted phase per visit; metrics too when labels are present.
 
-    The bundle is verified before it is loaded (``dfu_ml.bundle.verify_bundle``), against
-    ``expected_digest`` too when one is given."""
-    from dfu_ml.training.fold import model_inputs, training_rows
+    The bundle is verified before anything in it is read (``dfu_ml.bundle.verify_bundle``),
+    against ``expected_digest`` too when one is given. An ensemble bundle (a modality-combination
+    search's, whose manifest pins every member's files) averages its members' per-visit
+    probabilities; the data is prepared once, for every modality a member uses.
+    """
+    from dfu_ml.search.compare import VisitPredictions, average_predictions
+    from dfu_ml.search.final import bundle_members
     from dfu_ml.training.metrics import classification_metrics
-    from dfu_ml.training.stages import predict_all
 
-    bundle = load_bundle(model_dir, expected_digest)
-    config = bundle.config
-    dataset = prepare_for_config(data_dir, config, require_labels=False)
-    forest = ClinicalForest(bundle.transformer, bundle.forest)
-    rf_proba = forest.predict_proba(dataset.visits)
-    # Unlabelled visits are scored too (label -1).
-    rows = training_rows(dataset, config, labelled_only=False)
-    if bundle.model is None:
-        proba = rf_proba[rows["visit_index"].to_numpy()]
-    else:
-        inputs = model_inputs(dataset, config, rows, np.arange(len(rows)), rf_proba)
-        proba = predict_all(bundle.model, inputs, 256)
-    visits, true, visit_proba, image_sets = per_visit(
-        rows["visit_index"].to_numpy(), rows["label"].to_numpy(), proba
+    verify_bundle(model_dir, expected_digest)
+    bundles = [load_bundle(folder) for folder in bundle_members(model_dir)]
+    sizes = {b.config.image_size for b in bundles}
+    if len(sizes) > 1:
+        raise DataError(f"{model_dir}: its members use different image sizes {sorted(sizes)}")
+    modalities = list(dict.fromkeys(m for b in bundles for m in b.config.modalities))
+    dataset = prepare_for_config(
+        data_dir, bundles[0].config.replace(modalities=modalities), require_labels=False
+    )
+    scored = [_visit_probabilities(bundle, dataset) for bundle in bundles]
+    averaged = average_predictions([VisitPredictions(v, t, p) for v, t, p, _ in scored])
+    visits, true, visit_proba = averaged.visits, averaged.labels, averaged.proba
+    # A visit's image sets: as many as the member that used the most of them scored.
+    image_sets = (
+        pd.concat([pd.Series(n, index=v) for v, _, _, n in scored])
+        .groupby(level=0)
+        .max()
+        .reindex(visits)
+        .to_numpy()
     )
     table = dataset.visits.iloc[visits]
     out = pd.DataFrame(
@@ -58,3 +67,22 @@ def predict_folder(
         out["true_phase"] = [schema.CLASS_NAMES[t] if t >= 0 else "" for t in true]
         metrics = classification_metrics(true[known], visit_proba[known])
     return out, metrics
+
+
+def _visit_probabilities(bundle, dataset) -> tuple[np.ndarray, ...]:
+    """One bundle's per-visit probabilities: visit indices, labels (-1 unknown), probabilities
+    and image-set counts (see :func:`dfu_ml.training.metrics.per_visit`)."""
+    from dfu_ml.training.fold import model_inputs, training_rows
+    from dfu_ml.training.stages import predict_all
+
+    config = bundle.config
+    forest = ClinicalForest(bundle.transformer, bundle.forest)
+    rf_proba = forest.predict_proba(dataset.visits)
+    # Unlabelled visits are scored too (label -1).
+    rows = training_rows(dataset, config, labelled_only=False)
+    if bundle.model is None:
+        proba = rf_proba[rows["visit_index"].to_numpy()]
+    else:
+        inputs = model_inputs(dataset, config, rows, np.arange(len(rows)), rf_proba)
+        proba = predict_all(bundle.model, inputs, 256)
+    return per_visit(rows["visit_index"].to_numpy(), rows["label"].to_numpy(), proba)

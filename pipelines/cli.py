@@ -1,4 +1,4 @@
-"""The ``dfu-kfp`` command: synth, run, diagnose, compile, check, predict, upload.
+"""The ``dfu-kfp`` command: synth, run, diagnose, search, compile, check, predict, upload.
 
 Every expected error is one ``error:`` line on standard error (exit 2) that names the file, row,
 column or key at fault. An unexpected exception is one line too, pointing at the log file that
@@ -19,6 +19,7 @@ from dfu_ml.errors import ConfigError, DfuError
 
 DEFAULT_OUT = Path("runs") / "latest"
 DEFAULT_DIAGNOSE_OUT = Path("runs") / "diagnose"
+DEFAULT_SEARCH_OUT = Path("runs") / "search"
 
 
 def _synth(args) -> None:
@@ -84,8 +85,35 @@ def _diagnose(args) -> None:
     )
 
 
+def _search_settings(args):
+    """What a search compares and publishes, from --combinations or --all."""
+    from dfu_ml.search import SearchSettings, all_combinations
+
+    if not args.all and not args.combinations:
+        raise ConfigError("a search needs --combinations C [C ...] or --all")
+    combinations = all_combinations() if args.all else args.combinations
+    return SearchSettings.from_values(combinations, args.final_model, args.bootstrap)
+
+
+def _search(args) -> None:
+    from pipelines.search import run_search_local
+
+    settings = _search_settings(args)
+    config, runtime = _settings(args)
+    run_search_local(
+        config,
+        settings,
+        args.data,
+        args.out,
+        synth_patients=args.synth_patients,
+        runner=args.runner,
+        runtime=runtime,
+    )
+
+
 def _builder(pipeline: str):
-    """The build function of a pipeline named on the command line (``main`` or ``diagnose``)."""
+    """The build function of a pipeline named on the command line (``main`` or ``diagnose``;
+    the search compiles with its settings, :func:`_compile`)."""
     if pipeline == "diagnose":
         from pipelines.diagnose import build_diagnose_pipeline
 
@@ -97,13 +125,14 @@ def _builder(pipeline: str):
 
 def expectations(name: str, runtime=None):
     """What the acceptance check expects of the compiled pipeline called ``name``: its
-    placement and its run parameters' types."""
-    from pipelines import diagnose, pipeline
+    placement (which components run on GPUs or reach storage) and its run parameters' types."""
+    from pipelines import diagnose, pipeline, search
     from pipelines.run_parameters import for_pipeline
 
-    placement = {diagnose.PIPELINE_NAME: diagnose.expected_placement}.get(
-        name, pipeline.expected_placement
-    )
+    placement = {
+        diagnose.PIPELINE_NAME: diagnose.expected_placement,
+        search.PIPELINE_NAME: search.expected_placement,
+    }.get(name, pipeline.expected_placement)
     return placement(runtime), for_pipeline(name).kfp_types()
 
 
@@ -111,11 +140,19 @@ def _compile(args) -> None:
     from pipelines.pipeline import compile_pipeline
     from pipelines.settings import unpinned_warning
 
+    search = _search_settings(args) if args.pipeline == "search" else None
+    if search is None and (args.all or args.combinations):
+        raise ConfigError("--combinations and --all belong to --pipeline search")
     config, runtime = _settings(args)
     warning = unpinned_warning(runtime)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    path = compile_pipeline(config, args.output, runtime, build=_builder(args.pipeline))
+    if search is not None:
+        from pipelines.search import compile_search_pipeline
+
+        path = compile_search_pipeline(config, search, args.output, runtime)
+    else:
+        path = compile_pipeline(config, args.output, runtime, build=_builder(args.pipeline))
     print(
         f"wrote {path}; upload it in the KFP UI (Pipelines -> Upload pipeline) or run:\n"
         f"  kfp --endpoint http://KFP_HOST -n NAMESPACE run create -e EXPERIMENT -r RUN "
@@ -178,7 +215,14 @@ def _check(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.run_parameters import DIAGNOSE, DIAGNOSE_FOLDS, MAIN, parameter_table
+    from pipelines.run_parameters import (
+        DIAGNOSE,
+        DIAGNOSE_FOLDS,
+        MAIN,
+        SEARCH,
+        SEARCH_SETTINGS,
+        parameter_table,
+    )
 
     parser = argparse.ArgumentParser(
         prog="dfu-kfp",
@@ -256,25 +300,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.set_defaults(func=_diagnose)
 
-    def listed(parameters):
-        return "\n".join(f"  {n} ({t}): {h}" for n, t, h in parameter_table(parameters))
+    def search_args(p):
+        p.add_argument(
+            "--combinations",
+            nargs="+",
+            metavar="COMBINATION",
+            help="modalities joined by '+', e.g. metadata depth_rgb metadata+depth_rgb "
+            "(metadata-only, the baseline, is always compared)",
+        )
+        p.add_argument(
+            "--all",
+            action="store_true",
+            help="the study's 15: every combination of metadata, depth_rgb, depth_map, thermal_map",
+        )
+        p.add_argument(
+            "--final-model",
+            default="ensemble",
+            help="what publish pushes: ensemble (default), best, or one combination",
+        )
+        p.add_argument(
+            "--bootstrap",
+            type=int,
+            default=1000,
+            help="patient-bootstrap replicates per paired difference (0: no intervals)",
+        )
+
+    search = sub.add_parser(
+        "search",
+        help="compare modality combinations on the same patient folds, locally (kfp.local)",
+    )
+    config_args(search, "smoke")
+    search_args(search)
+    local_args(search, DEFAULT_SEARCH_OUT)
+    search.set_defaults(func=_search)
+
+    def listed(parameters, names=None):
+        return "\n".join(
+            f"  {n} ({t}): {h}"
+            for n, t, h in parameter_table(parameters)
+            if names is None or n in names
+        )
 
     comp = sub.add_parser(
         "compile",
         help="compile a pipeline to YAML for a KFP backend",
         description="Compile a pipeline for a KFP backend. Run parameters of the main pipeline "
         f"(kfp run create ... key=value):\n{listed(MAIN)}\nOf the diagnose pipeline "
-        f"(--pipeline diagnose):\n{listed(DIAGNOSE)}",
+        f"(--pipeline diagnose):\n{listed(DIAGNOSE)}\nThe search (--pipeline search) takes "
+        "data, models_uri and the main pipeline's training parameters but not "
+        f"image_modalities, use_metadata or folds, and:\n{listed(SEARCH, SEARCH_SETTINGS)}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_args(comp, "paper")
     comp.add_argument(
         "--pipeline",
-        choices=("main", "diagnose"),
+        choices=("main", "diagnose", "search"),
         default="main",
-        help="main: train, evaluate and publish (default); diagnose: the root-cause analysis",
+        help="main: train, evaluate and publish (default); diagnose: the root-cause analysis; "
+        "search: the modality-combination search",
     )
     comp.add_argument("--output", required=True, type=Path)
+    search_args(comp)
     comp.set_defaults(func=_compile)
 
     check = sub.add_parser(
@@ -324,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _crash_log(args) -> Path:
     """Where an unexpected traceback goes: the run's log, or a new file for other commands."""
-    if getattr(args, "command", None) in ("run", "diagnose"):
+    if getattr(args, "command", None) in ("run", "diagnose", "search"):
         path = Path(args.out).resolve() / "logs" / "pipeline.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

@@ -238,13 +238,17 @@ class RunParameters:
     def resolved(self) -> tuple[RunParameter, ...]:
         return tuple(p for p in self.parameters if p.resolved)
 
-    def signature(self, config: Config, runtime) -> inspect.Signature:
-        """The pipeline function's signature: required parameters first, then the defaults."""
+    def signature(self, config: Config, runtime, defaults: dict | None = None) -> inspect.Signature:
+        """The pipeline function's signature: required parameters first, then the defaults.
+
+        ``defaults`` gives compile-time defaults of parameters that neither the configuration nor
+        the runtime settings define (a search's combinations)."""
+        defaults = defaults or {}
         params = [
             inspect.Parameter(
                 p.name,
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=p.default_for(config, runtime),
+                default=defaults[p.name] if p.name in defaults else p.default_for(config, runtime),
                 annotation=p.annotation,
             )
             for p in self.parameters
@@ -259,10 +263,12 @@ class RunParameters:
     def args_doc(self) -> str:
         return "\n".join(f"    {p.name}: {p.help}" for p in self.parameters)
 
-    def pipeline_function(self, body: Callable, name: str, doc: str, config: Config, runtime):
+    def pipeline_function(
+        self, body: Callable, name: str, doc: str, config: Config, runtime, defaults=None
+    ):
         """A function KFP can compile: the generated signature, ``doc`` + ``Args:``, and a body
         that receives every run parameter by name."""
-        signature = self.signature(config, runtime)
+        signature = self.signature(config, runtime, defaults)
         names = list(signature.parameters)
 
         def pipeline_func(*args, **kwargs):
@@ -335,9 +341,73 @@ DIAGNOSE = RunParameters(
 DIAGNOSE_PIPELINE_NAME = "dfu-kfp-diagnose"
 
 
+# The modality-combination search (pipelines/search.py): what it compares and publishes, then the
+# main pipeline's training parameters (modalities come from the combinations, and every fold is
+# trained: the nested choice needs them all).
+SEARCH_PIPELINE_NAME = "dfu-kfp-search"
+SEARCH_SETTINGS = ("combinations", "final_model", "bootstrap_replicates")
+SEARCH_RUN_PARAMETERS = (
+    *(p for p in MAIN_RUN_PARAMETERS if p.name in ("data", "models_uri")),
+    RunParameter(
+        "combinations",
+        List[str],
+        'Modality combinations to compare, e.g. ["metadata+depth_rgb", "depth_rgb"]; '
+        "metadata-only (the baseline) is always among them.",
+    ),
+    RunParameter(
+        "final_model",
+        str,
+        "What publish pushes: ensemble (every combination averaged), best, or one combination.",
+    ),
+    RunParameter(
+        "bootstrap_replicates",
+        int,
+        "Patient-bootstrap replicates per paired difference to metadata-only (0: no intervals).",
+    ),
+    *(
+        p
+        for p in MAIN_RUN_PARAMETERS
+        if p.name not in ("data", "models_uri", "image_modalities", "use_metadata", "folds")
+    ),
+)
+
+
+def resolve_search(config_json: str, values: dict, config_path: str | None = None) -> list[int]:
+    """The search's first step: validate what it compares, overlay the run parameters, write the
+    configuration (every modality a combination uses) and return every fold.
+
+    A search whose combinations are all metadata-only and one with images are different DAGs.
+    """
+    from dfu_ml.search import SearchSettings, search_config
+
+    settings = SearchSettings.from_values(
+        values["combinations"], values["final_model"], values["bootstrap_replicates"]
+    )
+    base = config_from_json(config_json)
+    training = {k: v for k, v in values.items() if k not in SEARCH_SETTINGS}
+    resolved = search_config(
+        base.replace(**overrides_from_parameters(training)), settings.combinations
+    )
+    if bool(resolved.image_modalities) != bool(base.image_modalities):
+        raise ConfigError(
+            f"combinations {list(settings.combinations)}: this search was compiled for "
+            f"{base.modalities}; a search without image combinations and one with them are "
+            "different DAGs, so compile again with those combinations"
+        )
+    if config_path is not None:
+        with open(config_path, "w") as handle:
+            handle.write(resolved.to_json())
+    return list(range(resolved.cv_folds))
+
+
+SEARCH = RunParameters(SEARCH_RUN_PARAMETERS, "pipelines.run_parameters:resolve_search")
+
+
 def for_pipeline(name: str) -> RunParameters:
     """The run parameters of the pipeline called ``name`` (as compiled)."""
-    return {"dfu-kfp": MAIN, DIAGNOSE_PIPELINE_NAME: DIAGNOSE}.get(name, MAIN)
+    return {"dfu-kfp": MAIN, DIAGNOSE_PIPELINE_NAME: DIAGNOSE, SEARCH_PIPELINE_NAME: SEARCH}.get(
+        name, MAIN
+    )
 
 
 def parameter_table(parameters: RunParameters = MAIN) -> list[tuple[str, str, str]]:

@@ -9,10 +9,12 @@ import pytest
 import yaml
 
 from dfu_ml.config import load_config
+from dfu_ml.search import SearchSettings, all_combinations
 from pipelines.acceptance import check_pipeline, check_run_arguments
 from pipelines.cli import expectations
 from pipelines.diagnose import build_diagnose_pipeline
-from pipelines.pipeline import PIPELINE_NAME, build_pipeline, compile_pipeline
+from pipelines.pipeline import PIPELINE_NAME, build_pipeline, compile_pipeline, expected_placement
+from pipelines.run_parameters import SEARCH
 
 VARIANTS = {
     "paper": ("paper", [], build_pipeline),
@@ -30,6 +32,15 @@ VARIANTS = {
         ["modalities=metadata,depth_rgb"],
         build_diagnose_pipeline,
     ),
+}
+
+
+# The modality-combination search (pipelines/search.py): profile, combinations, final model.
+SEARCH_VARIANTS = {
+    "search-all": ("paper", all_combinations(), "ensemble"),
+    "search-smoke-best": ("smoke", ["metadata", "depth_rgb", "metadata+depth_rgb"], "best"),
+    "search-metadata-only": ("paper", ["metadata"], "ensemble"),
+    "search-images-only": ("smoke", ["depth_rgb", "thermal_map"], "thermal_map"),
 }
 
 
@@ -82,6 +93,23 @@ def test_dfu_kfp_check_accepts_the_compiled_diagnose_pipeline(compiled, tmp_path
     assert "accepted" in capsys.readouterr().out
     assert main(["check", str(path), "data=s3://b/p", "models_uri=s3://m"]) == 2
     assert "models_uri" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", SEARCH_VARIANTS)
+def test_every_compiled_search_variant_is_accepted(tmp_path, variant):
+    from pipelines.search import compile_search_pipeline
+    from pipelines.search import expected_placement as search_placement
+
+    profile, combinations, final_model = SEARCH_VARIANTS[variant]
+    settings = SearchSettings.from_values(combinations, final_model)
+    path = compile_search_pipeline(load_config(profile), settings, tmp_path / f"{variant}.yaml")
+    assert check_pipeline(path, search_placement(), SEARCH.kfp_types()) == []
+    spec = next(yaml.safe_load_all(path.read_text()))
+    assert check_run_arguments(spec, {"data": "s3://b/p", "combinations": ["depth_map"]}) == []
+    # Judged by the main pipeline's placement, the search's GPU steps would be misplaced: the
+    # check above really looked at them.
+    if settings.image_combinations:
+        assert check_pipeline(path, expected_placement(), SEARCH.kfp_types()) != []
 
 
 def _broken(text: str, damage) -> str:

@@ -12,19 +12,19 @@ import yaml
 
 from dfu_ml.config import config_from_json, load_config
 from dfu_ml.errors import ConfigError
-from pipelines.run_parameters import DIAGNOSE, MAIN, for_pipeline, resolve_run
+from pipelines.run_parameters import DIAGNOSE, MAIN, SEARCH, for_pipeline, resolve_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _resolve(config, tmp_path, parameters=MAIN, **values):
-    """Run the generated resolve component's function as the pipeline's first step does."""
+def _resolve(config, tmp_path, parameters=MAIN, compiled=None, **values):
+    """Run the generated resolve component's function as the pipeline's first step does
+    (``compiled``: defaults fixed at compile time, such as a search's combinations)."""
     out = tmp_path / "config.json"
+    runtime = SimpleNamespace(models_uri="")
     defaults = {
         name: p.default
-        for name, p in parameters.signature(
-            config, SimpleNamespace(models_uri="")
-        ).parameters.items()
+        for name, p in parameters.signature(config, runtime, compiled).parameters.items()
         if p.default is not p.empty
     }
     arguments = {p.name: {**defaults, **values}[p.name] for p in parameters.resolved}
@@ -133,17 +133,41 @@ def test_every_documented_cluster_command_compiles_passes_acceptance_and_resolve
                 "runtimeValue"
             ]["constant"]
         )
+        compiled_defaults = {
+            n: p["defaultValue"]
+            for n, p in spec["root"]["inputDefinitions"]["parameters"].items()
+            if "defaultValue" in p
+        }
         run_values = {k: v for k, v in arguments.items() if k not in ("data", "models_uri")}
         parameters = for_pipeline(name)
-        folds, resolved = _resolve(config, tmp_path, parameters, **run_values)
-        default_folds = (
-            parameters.signature(config, SimpleNamespace(models_uri="")).parameters["folds"].default
-        )
+        folds, resolved = _resolve(config, tmp_path, parameters, compiled_defaults, **run_values)
+        default_folds = compiled_defaults.get("folds")
         expected_folds = arguments.get("folds", default_folds) or list(range(resolved.cv_folds))
         assert folds == expected_folds, command
         for key, value in run_values.items():
             if hasattr(resolved, key):
                 assert getattr(resolved, key) == value, (command, key)
+
+
+def test_the_search_resolves_its_combinations_into_the_configuration(tmp_path):
+    from dfu_ml.search import SearchSettings, all_combinations, search_config
+
+    settings = SearchSettings.from_values(all_combinations())
+    compiled = {"combinations": list(settings.combinations), "final_model": "ensemble"}
+    compiled["bootstrap_replicates"] = 1000
+    config = search_config(load_config("paper"), settings.combinations)
+    folds, resolved = _resolve(config, tmp_path, SEARCH, compiled, cv_folds=3)
+    assert folds == [0, 1, 2]
+    assert resolved.modalities == ["metadata", "depth_rgb", "depth_map", "thermal_map"]
+    _, fewer = _resolve(config, tmp_path, SEARCH, compiled, combinations=["thermal_map+metadata"])
+    assert fewer.modalities == ["metadata", "thermal_map"]
+    with pytest.raises(ConfigError, match="different DAGs"):
+        _resolve(config, tmp_path, SEARCH, compiled, combinations=["metadata"])
+    with pytest.raises(ConfigError, match="unknown modality 'thermal'"):
+        _resolve(config, tmp_path, SEARCH, compiled, combinations=["thermal"])
+    with pytest.raises(ConfigError, match="not among the combinations"):
+        _resolve(config, tmp_path, SEARCH, compiled, final_model="thermal_rgb")
+    assert for_pipeline("dfu-kfp-search") is SEARCH and for_pipeline("dfu-kfp") is MAIN
 
 
 def test_compile_help_lists_every_run_parameter(capsys):

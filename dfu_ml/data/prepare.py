@@ -170,6 +170,13 @@ def prepare_dataset(
                 "thermal_match",
             ]
         )
+    absent = [m for m in modalities if not (folder / schema.MODALITY_FOLDERS[m]).is_dir()]
+    if absent and on_missing_image == "error" and len(sets):
+        raise DataError(
+            f"{folder}: no {', '.join(schema.MODALITY_FOLDERS[m] + '/' for m in absent)} folder, "
+            f"which modality {', '.join(absent)} needs; add the images, or leave "
+            f"{', '.join(absent)} out of the modalities (or of a search's combinations)"
+        )
     images, crop_counts = _crop_all(
         folder, sets, modalities, image_size, crop_margins or {}, on_missing_image, workers
     )

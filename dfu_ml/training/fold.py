@@ -4,6 +4,9 @@ Rows: with image modalities, one training row per image set that has every selec
 metadata-only, one row per visit. Folds are drawn over visits (grouped by patient, stratified),
 so a metadata-only run and a fusion run with the same seed validate on the same patients.
 ``fold = -1`` is the final fit: every (sampled) patient trains, nothing validates.
+
+Keras (and its backend) is imported only by the functions that build model inputs or train, so
+the steps that only plan folds or fit the clinical model start without TensorFlow.
 """
 
 from __future__ import annotations
@@ -67,35 +70,50 @@ def training_rows(
     return rows.reset_index(drop=True)
 
 
-def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
-    """Resampling and alpha for one fold (stage 1 of TRAINING.md), as a JSON-ready plan.
-
-    Its alphas are those of ``config``; each stage derives its own (:func:`stage_alpha`) from the
-    plan's class counts and the stage's configuration, so one plan serves every variant of
-    ``dfu-kfp diagnose``."""
-    rows = training_rows(dataset, config)
+def fold_patients(
+    dataset: PreparedDataset, config: Config, fold: int, rows: pd.DataFrame | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's training and validation patients, drawn (and sampled by ``data_percentage``)
+    over the visits that have ``config``'s rows; the final fit trains every sampled patient."""
+    rows = training_rows(dataset, config) if rows is None else rows
     visits = dataset.visits
     visit_ids = np.unique(rows["visit_index"])
     visit_labels = visits["label"].to_numpy()[visit_ids]
     visit_patients = visits[PATIENT_COLUMN].to_numpy()[visit_ids]
     sampled = sample_patients(visit_labels, visit_patients, config.data_percentage, config.seed)
-    visit_ids, visit_labels, visit_patients = (
-        visit_ids[sampled],
-        visit_labels[sampled],
-        visit_patients[sampled],
-    )
+    visit_labels, visit_patients = visit_labels[sampled], visit_patients[sampled]
     if fold == FINAL_FIT:
-        train_patients, val_patients = np.unique(visit_patients), np.array([], dtype=int)
-    else:
-        if not 0 <= fold < config.cv_folds:
-            raise DataError(
-                f"fold {fold} is outside 0..{config.cv_folds - 1} (cv_folds="
-                f"{config.cv_folds}); use -1 for the final fit"
-            )
-        splits = patient_folds(visit_labels, visit_patients, config.cv_folds, config.seed)
-        train_idx, val_idx = splits[fold]
-        train_patients = np.unique(visit_patients[train_idx])
-        val_patients = np.unique(visit_patients[val_idx])
+        return np.unique(visit_patients), np.array([], dtype=int)
+    if not 0 <= fold < config.cv_folds:
+        raise DataError(
+            f"fold {fold} is outside 0..{config.cv_folds - 1} (cv_folds="
+            f"{config.cv_folds}); use -1 for the final fit"
+        )
+    splits = patient_folds(visit_labels, visit_patients, config.cv_folds, config.seed)
+    train_idx, val_idx = splits[fold]
+    return np.unique(visit_patients[train_idx]), np.unique(visit_patients[val_idx])
+
+
+def plan_fold(
+    dataset: PreparedDataset,
+    config: Config,
+    fold: int,
+    patients: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict:
+    """Resampling and alpha for one fold (stage 1 of TRAINING.md), as a JSON-ready plan.
+
+    ``patients`` (training, validation) fixes the split: a modality-combination search assigns
+    patients once and plans every combination's rows from that split. By default the split is
+    drawn over this configuration's own rows (:func:`fold_patients`). Its alphas are those of
+    ``config``; each stage derives its own (:func:`stage_alpha`) from the plan's class counts and
+    the stage's configuration, so one plan serves every variant of ``dfu-kfp diagnose``.
+    """
+    rows = training_rows(dataset, config)
+    train_patients, val_patients = (
+        fold_patients(dataset, config, fold, rows)
+        if patients is None
+        else (np.asarray(patients[0]), np.asarray(patients[1]))
+    )
     train_rows = np.flatnonzero(rows["patient"].isin(train_patients).to_numpy())
     val_rows = np.flatnonzero(rows["patient"].isin(val_patients).to_numpy())
     labels = rows["label"].to_numpy()
