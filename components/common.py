@@ -51,6 +51,23 @@ def log_stage_metrics(metrics, summary: dict, prefix: str = "") -> None:
     log_metrics(metrics, {f"{prefix}{key}": summary[key] for key in STAGE_METRICS})
 
 
+def log_stage2_outcome(metrics, result: dict) -> None:
+    """What a step that ends with Stage 2 shows in the UI besides the stage's figures: whether
+    Stage 1's weights were kept (RC4) and the fold's validation metrics per row."""
+    per_row = result.get("metrics", {}).get("per_row", {})
+    log_metrics(
+        metrics,
+        {
+            "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"]),
+            **{
+                f"fold_{k}": per_row[k]
+                for k in ("quadratic_kappa", "accuracy", "macro_f1")
+                if k in per_row
+            },
+        },
+    )
+
+
 def log_metrics(metrics, values: dict) -> None:
     """Log to a KFP Metrics artifact, skipping values that are not finite numbers (KFP cannot
     store NaN, and a final fit has no validation kappa)."""

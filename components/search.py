@@ -327,7 +327,7 @@ def fuse_combination(
     """
     from pathlib import Path
 
-    from components.common import log_metrics, log_stage_metrics, resolve_config
+    from components.common import log_stage2_outcome, log_stage_metrics, resolve_config
     from components.search import run_fuse_combination
 
     result = run_fuse_combination(
@@ -345,18 +345,7 @@ def fuse_combination(
         return
     log_stage_metrics(metrics, result["stage1"], prefix="stage1_")
     log_stage_metrics(metrics, result["stage2"], prefix="stage2_")
-    per_row = result.get("metrics", {}).get("per_row", {})
-    log_metrics(
-        metrics,
-        {
-            "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"]),
-            **{
-                f"fold_{k}": per_row[k]
-                for k in ("quadratic_kappa", "accuracy", "macro_f1")
-                if k in per_row
-            },
-        },
-    )
+    log_stage2_outcome(metrics, result)
 
 
 # --- results and comparison -----------------------------------------------------------------------

@@ -87,7 +87,12 @@ def stage2_finetune(
     """
     from pathlib import Path
 
-    from components.common import final_fit_epochs, log_metrics, log_stage_metrics, resolve_config
+    from components.common import (
+        final_fit_epochs,
+        log_stage2_outcome,
+        log_stage_metrics,
+        resolve_config,
+    )
     from components.stage2 import run_stage2
 
     result = run_stage2(
@@ -100,18 +105,7 @@ def stage2_finetune(
         final_fit_epochs(final_fit, "stage2"),
     )
     log_stage_metrics(metrics, result["stage2"])
-    per_row = result.get("metrics", {}).get("per_row", {})
-    log_metrics(
-        metrics,
-        {
-            "kept_stage1_weights": int(result["stage2"]["kept_stage1_weights"]),
-            **{
-                f"fold_{k}": per_row[k]
-                for k in ("quadratic_kappa", "accuracy", "macro_f1")
-                if k in per_row
-            },
-        },
-    )
+    log_stage2_outcome(metrics, result)
 
 
 def main(argv=None) -> int:

@@ -129,56 +129,33 @@ def _deployment_executors(spec, problems: list) -> dict:
 def _check_task_inputs(where, task, callee, owner, tasks, components, problems) -> None:
     declared_parameters = callee.input_definitions.parameters
     declared_artifacts = callee.input_definitions.artifacts
-    for name, given in task.inputs.parameters.items():
-        if name not in declared_parameters:
-            problems.append(f"{where}: input parameter {name!r} is not an input of its component")
-        source = given.WhichOneof("kind")
-        if source == "task_output_parameter":
-            producer = given.task_output_parameter.producer_task
-            key = given.task_output_parameter.output_parameter_key
-            outputs = _outputs_of(producer, tasks, components)
-            if outputs is None:
+    # Parameters and artifacts are wired alike in the spec, each in fields of its own name.
+    for kind, plural in (("parameter", "parameters"), ("artifact", "artifacts")):
+        declared = getattr(callee.input_definitions, plural)
+        for name, given in getattr(task.inputs, plural).items():
+            if name not in declared:
+                problems.append(f"{where}: input {kind} {name!r} is not an input of its component")
+            source = given.WhichOneof("kind")
+            if source == f"task_output_{kind}":
+                reference = getattr(given, source)
+                producer, key = reference.producer_task, getattr(reference, f"output_{kind}_key")
+                outputs = _outputs_of(producer, tasks, components)
+                if outputs is None:
+                    problems.append(
+                        f"{where}: input {name!r} reads task {producer!r}, which does not exist"
+                    )
+                elif key not in getattr(outputs, plural):
+                    problems.append(
+                        f"{where}: input {name!r} reads {kind} {key!r} of task {producer!r}, "
+                        f"which has {plural} {sorted(getattr(outputs, plural))}"
+                    )
+            elif source == f"component_input_{kind}" and getattr(given, source) not in getattr(
+                owner.input_definitions, plural
+            ):
                 problems.append(
-                    f"{where}: input {name!r} reads task {producer!r}, which does not exist"
+                    f"{where}: input {name!r} reads {getattr(given, source)!r}, which the "
+                    "enclosing DAG does not take"
                 )
-            elif key not in outputs.parameters:
-                problems.append(
-                    f"{where}: input {name!r} reads output {key!r} of task {producer!r}, which "
-                    f"has outputs {sorted(outputs.parameters)}"
-                )
-        elif (
-            source == "component_input_parameter"
-            and given.component_input_parameter not in owner.input_definitions.parameters
-        ):
-            problems.append(
-                f"{where}: input {name!r} reads {given.component_input_parameter!r}, which the "
-                "enclosing DAG does not take"
-            )
-    for name, given in task.inputs.artifacts.items():
-        if name not in declared_artifacts:
-            problems.append(f"{where}: input artifact {name!r} is not an input of its component")
-        source = given.WhichOneof("kind")
-        if source == "task_output_artifact":
-            producer = given.task_output_artifact.producer_task
-            key = given.task_output_artifact.output_artifact_key
-            outputs = _outputs_of(producer, tasks, components)
-            if outputs is None:
-                problems.append(
-                    f"{where}: input {name!r} reads task {producer!r}, which does not exist"
-                )
-            elif key not in outputs.artifacts:
-                problems.append(
-                    f"{where}: input {name!r} reads artifact {key!r} of task {producer!r}, which "
-                    f"has artifacts {sorted(outputs.artifacts)}"
-                )
-        elif (
-            source == "component_input_artifact"
-            and given.component_input_artifact not in owner.input_definitions.artifacts
-        ):
-            problems.append(
-                f"{where}: input {name!r} reads {given.component_input_artifact!r}, which the "
-                "enclosing DAG does not take"
-            )
     provided = set(task.inputs.parameters) | set(task.inputs.artifacts)
     iterated = task.parameter_iterator.item_input or task.artifact_iterator.item_input
     for name, parameter in declared_parameters.items():

@@ -425,12 +425,22 @@ def _run_pipeline(pipeline, arguments: dict, log_path: Path, quiet: bool, runner
 
 def _collect(outputs: dict, staging: Path, run: LocalRun) -> dict:
     """The main job's results: the summary, the report and its plots, the final model bundle."""
+    return collect_results(outputs, staging, run, "summary.json", RESULT_FILES, "final_model")
+
+
+def collect_results(
+    outputs: dict, staging: Path, run: LocalRun, summary_file: str, files, model_key: str
+) -> dict:
+    """A training pipeline's results (its ``summary`` and ``final_model`` outputs) staged for
+    the run's folder: ``summary_file`` read and returned with where things went (the bundle's
+    path under ``model_key``, the model id, where it was published, the report: the first of
+    ``files``), the bundle and ``files`` copied (each that the pipeline wrote)."""
     summary_dir = Path(outputs["summary"].path)
     bundle_dir = Path(outputs["final_model"].path)
-    summary = json.loads((summary_dir / "summary.json").read_text())
+    summary = json.loads((summary_dir / summary_file).read_text())
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     shutil.copytree(bundle_dir, staging / "final_model")
-    for name in RESULT_FILES:
+    for name in files:
         if (summary_dir / name).is_file():
             shutil.copyfile(summary_dir / name, staging / name)
     models_uri = run.runtime.models_uri
@@ -439,14 +449,14 @@ def _collect(outputs: dict, staging: Path, run: LocalRun) -> dict:
     summary.update(
         {
             "run_id": run.run_id,
-            "final_model": str(run.out / "final_model"),
+            model_key: str(run.out / "final_model"),
             "model_id": manifest["model_id"],
             "data": run.data,
             "pipeline_run": str(summary_dir.parents[1]),
             "published_to": (
                 models_uri.rstrip("/") + "/" + manifest["model_id"] if published else None
             ),
-            "report": str(run.out / "report.html"),
+            "report": str(run.out / files[0]),
         }
     )
     return summary

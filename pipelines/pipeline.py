@@ -187,6 +187,20 @@ def resolve_and_prepare(steps, place: Placement, parameters, config_json: str, v
     return resolve, prepare
 
 
+def bundle_and_publish(steps, place: Placement, evaluation, models_uri, **bundle_inputs):
+    """A training pipeline's last steps: bundle the final model, and publish it to
+    ``models_uri`` when ``evaluation`` (the step returning the blessing) blessed it. Returns the
+    bundle's ``final_model`` output."""
+    bundle = steps.bundle(**bundle_inputs)
+    bundle.set_display_name("bundle final model")
+    with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition
+        publish = place.storage(
+            steps.publish(final_model=bundle.outputs["final_model"], models_uri=models_uri)
+        )
+        publish.set_display_name("publish blessed model")
+    return bundle.outputs["final_model"]
+
+
 def plan_and_forest(steps, label: str, prepared, fold, settings):
     """A fold's plan (split, resampling, alphas) and clinical random forest; returns both tasks."""
     plan = steps.plan(prepared=prepared, fold=fold, config=settings)
@@ -293,7 +307,11 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
             image_run,
             final_fit=summary,
         )
-        bundle = steps.bundle(
+        final_model = bundle_and_publish(
+            steps,
+            place,
+            evaluation,
+            models_uri,
             rf=final_forest.outputs["rf"],
             summary=summary,
             config=settings,
@@ -302,13 +320,7 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
             code_version=version,
             **({"model": final_stage2.outputs["model"]} if image_run else {}),
         )
-        bundle.set_display_name("bundle final model")
-        with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):
-            publish = place.storage(
-                steps.publish(final_model=bundle.outputs["final_model"], models_uri=models_uri)
-            )
-            publish.set_display_name("publish blessed model")
-        return Outputs(summary=summary, final_model=bundle.outputs["final_model"])
+        return Outputs(summary=summary, final_model=final_model)
 
     function = MAIN.pipeline_function(body, PIPELINE_NAME, DESCRIPTION, config, runtime)
     function.__signature__ = function.__signature__.replace(return_annotation=Outputs)

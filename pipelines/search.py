@@ -44,7 +44,7 @@ from dfu_ml.search import SearchSettings, search_config
 from dfu_ml.training.fold import FINAL_FIT
 from pipelines.acceptance import ExpectedPlacement
 from pipelines import pipeline
-from pipelines.pipeline import Outputs, Placement, component
+from pipelines.pipeline import Outputs, Placement, bundle_and_publish, component
 from pipelines.run_parameters import SEARCH, SEARCH_PIPELINE_NAME
 from pipelines.settings import RuntimeSettings
 
@@ -211,7 +211,11 @@ def build_search_pipeline(
             image_search,
             final_fit=summary,
         )
-        bundle = steps.bundle(
+        final_model = bundle_and_publish(
+            steps,
+            place,
+            evaluation,
+            models_uri,
             rf=final_forest.outputs["rf"],
             summary=summary,
             config=search,
@@ -220,13 +224,7 @@ def build_search_pipeline(
             code_version=version,
             **({"fused": dsl.Collected(final_fused.outputs["model"])} if image_search else {}),
         )
-        bundle.set_display_name("bundle final model")
-        with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition
-            publish = place.storage(
-                steps.publish(final_model=bundle.outputs["final_model"], models_uri=models_uri)
-            )
-            publish.set_display_name("publish blessed model")
-        return Outputs(summary=summary, final_model=bundle.outputs["final_model"])
+        return Outputs(summary=summary, final_model=final_model)
 
     function = SEARCH.pipeline_function(body, PIPELINE_NAME, DESCRIPTION, config, runtime, defaults)
     function.__signature__ = function.__signature__.replace(return_annotation=Outputs)
@@ -246,7 +244,7 @@ def compile_search_pipeline(
 
 
 # --- the local search (dfu-kfp search) ------------------------------------------------------------
-SEARCH_RESULT_FILES = ("search.md", "search.html", "search.png")
+SEARCH_RESULT_FILES = ("search.html", "search.md", "search.png")  # the report first
 
 
 def run_search_local(
@@ -292,31 +290,9 @@ def run_search_local(
 
 
 def _collect_search(outputs: dict, staging: Path, run) -> dict:
-    """The search's results: search.json, the table (Markdown, HTML, plot), the final model."""
-    import json
-    import shutil
+    """The search's results: search.json, the table (HTML, Markdown, plot), the final model."""
+    from pipelines.local_run import collect_results
 
-    summary_dir = Path(outputs["summary"].path)
-    bundle_dir = Path(outputs["final_model"].path)
-    summary = json.loads((summary_dir / "search.json").read_text())
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    shutil.copytree(bundle_dir, staging / "final_model")
-    for name in SEARCH_RESULT_FILES:
-        shutil.copyfile(summary_dir / name, staging / name)
-    models_uri = run.runtime.models_uri
-    published = summary["blessed"] and bool(models_uri)
-    summary.pop("files", None)
-    summary.update(
-        {
-            "run_id": run.run_id,
-            "final_model_dir": str(run.out / "final_model"),
-            "model_id": manifest["model_id"],
-            "data": run.data,
-            "pipeline_run": str(summary_dir.parents[1]),
-            "published_to": (
-                models_uri.rstrip("/") + "/" + manifest["model_id"] if published else None
-            ),
-            "report": str(run.out / "search.html"),
-        }
+    return collect_results(
+        outputs, staging, run, "search.json", SEARCH_RESULT_FILES, "final_model_dir"
     )
-    return summary
