@@ -277,6 +277,13 @@ def _validate_execution(config: Config) -> None:
     """The keys of how the image stages execute (mixed precision, compilation, batch sizes)."""
     _choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
     _choice("jit_compile", config.jit_compile, JIT_COMPILE)
+    if config.backbone_weights == "imagenet" and config.backbone == "small_cnn":
+        # Caught here, not when the first GPU step builds its model.
+        raise ConfigError(
+            "config key 'backbone_weights' is imagenet, but backbone 'small_cnn' is this "
+            "project's own CNN with no ImageNet weights; use backbone_weights=none or a Keras "
+            "application backbone"
+        )
     if config.predict_batch_size < 1:
         raise ConfigError(
             f"config key 'predict_batch_size' must be >= 1, got {config.predict_batch_size}"

@@ -77,6 +77,7 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
         ("crop_margins=abc", "crop_margins"),
         ("health_min_loss_drop=1", "health_min_loss_drop"),
         ("health_min_steps_per_epoch=0", "health_min_steps_per_epoch"),
+        ("backbone_weights=imagenet", "backbone_weights"),  # with the default small_cnn
     ],
 )
 def test_out_of_range_or_choice_names_the_key(override, key):
