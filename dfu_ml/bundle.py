@@ -1,7 +1,7 @@
 """The final model bundle: what ``publish`` pushes and ``predict`` loads.
 
-A folder with the fusion model (image runs), the clinical random forest and its feature
-transformer, the configuration, the evaluation summary and report, and a manifest whose
+A folder with the fusion model (image runs), the fitted clinical pipeline (features and model,
+one file), the configuration, the evaluation summary and report, and a manifest whose
 ``model_id`` is a digest of the training configuration, the code version and the prepared data's
 content: the same experiment on the same data with the same code gets the same id wherever it
 runs, and anything else gets another, so a published model is never overwritten by a different
@@ -22,8 +22,7 @@ from dfu_ml.errors import DataError
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"
-FOREST_FILE = "forest.joblib"
-TRANSFORMER_FILE = "transformer.json"
+CLINICAL_MODEL_FILE = "clinical_model.joblib"
 CONFIG_FILE = "config.json"
 
 
@@ -47,8 +46,7 @@ def assemble_bundle(
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(rf_dir / FOREST_FILE, out / FOREST_FILE)
-    shutil.copyfile(rf_dir / TRANSFORMER_FILE, out / TRANSFORMER_FILE)
+    shutil.copyfile(rf_dir / CLINICAL_MODEL_FILE, out / CLINICAL_MODEL_FILE)
     if config.image_modalities:
         if model_dir is None or not (Path(model_dir) / MODEL_FILE).is_file():
             raise DataError("an image run's bundle needs the final fusion model (model.keras)")
@@ -78,15 +76,14 @@ def assemble_bundle(
 class Bundle:
     config: Config
     manifest: dict
-    forest: object
-    transformer: object
+    clinical_model: object  # dfu_ml.training.clinical_rf.ClinicalModel
     model: object | None
 
 
 def load_bundle(folder: Path) -> Bundle:
     import joblib
 
-    from dfu_ml.features import ClinicalFeatureTransformer
+    from dfu_ml.training.clinical_rf import ClinicalModel
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
@@ -105,7 +102,6 @@ def load_bundle(folder: Path) -> Bundle:
     return Bundle(
         config,
         json.loads((folder / MANIFEST).read_text()),
-        joblib.load(folder / FOREST_FILE),
-        ClinicalFeatureTransformer.from_json((folder / TRANSFORMER_FILE).read_text()),
+        ClinicalModel(joblib.load(folder / CLINICAL_MODEL_FILE)),
         model,
     )

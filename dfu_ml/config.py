@@ -33,6 +33,14 @@ BACKBONES = (
 RESAMPLING = ("none", "random", "combined")
 PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
 STAGE1_FREEZE = ("backbone", "encoder")
+CLINICAL_MODELS = ("forest", "boosting", "ordinal_forest")
+# Allowed ranges (inclusive) of the clinical model's integer keys.
+CLINICAL_RANGES = {
+    "rf_n_estimators": (1, 5000),
+    "rf_max_depth": (0, 1000),
+    "rf_min_samples_leaf": (1, 1000),
+    "rf_inner_folds": (2, 20),
+}
 
 
 @dataclass
@@ -66,11 +74,15 @@ class Config:
     alpha_max_ratio: float = 3.0
     focal_gamma: float = 2.0
     pretrain_alpha: str = "equal"  # RC1: pre-training uses [1, 1, 1]
-    # Clinical random forest
-    rf_n_estimators: int = 300
+    # Clinical model (dfu_ml/training/clinical_rf.py: ClinicalModelSpec). The default and the
+    # column policy were chosen on dev cross-validation (docs/RESULTS.md).
+    clinical_model: str = "forest"  # forest | boosting | ordinal_forest
+    # Columns decided after the wound was assessed (Dressing Grouped) are target-leak suspects.
+    clinical_include_leak_suspect: bool = False
+    rf_n_estimators: int = 300  # trees (forest, ordinal_forest)
     rf_max_depth: int = 0  # 0 means unlimited
     rf_min_samples_leaf: int = 2
-    rf_inner_folds: int = 5
+    rf_inner_folds: int = 5  # patient-grouped inner folds (fusion training-row probabilities)
     # Image models
     backbone: str = "small_cnn"
     backbone_weights: str = "none"  # none | imagenet | path to a local weights file
@@ -196,7 +208,6 @@ def validate(config: Config) -> Config:
         "pretrain_epochs",
         "stage1_epochs",
         "stage2_epochs",
-        "rf_n_estimators",
         "early_stopping_patience",
         "feature_dim",
     ):
@@ -214,9 +225,17 @@ def validate(config: Config) -> Config:
             "config key 'stage2_unfreeze_fraction' must be in [0, 1], got "
             f"{config.stage2_unfreeze_fraction}"
         )
-    if config.rf_inner_folds < 2:
-        raise ConfigError(f"config key 'rf_inner_folds' must be >= 2, got {config.rf_inner_folds}")
+    _validate_clinical(config)
     return config
+
+
+def _validate_clinical(config: Config) -> None:
+    """The clinical model's keys: a choice and integer ranges (ConfigError names key and range)."""
+    _choice("clinical_model", config.clinical_model, CLINICAL_MODELS)
+    for key, (low, high) in CLINICAL_RANGES.items():
+        value = getattr(config, key)
+        if not low <= value <= high:
+            raise ConfigError(f"config key {key!r} must be in [{low}, {high}], got {value}")
 
 
 def from_dict(values: dict, source: str = "config") -> Config:

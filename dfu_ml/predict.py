@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,19 @@ import pandas as pd
 from dfu_ml.bundle import load_bundle
 from dfu_ml.data import schema
 from dfu_ml.data.prepare import prepare_for_config
-from dfu_ml.training.clinical_rf import ClinicalForest
+from dfu_ml.features import unseen_category_values
 from dfu_ml.training.metrics import per_visit
 
 
-def predict_folder(model_dir: Path, data_dir: Path) -> tuple[pd.DataFrame, dict | None]:
-    """Probabilities and the predicted phase per visit; metrics too when labels are present."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def predict_folder(model_dir: Path, data_dir: Path, warn=_warn) -> tuple[pd.DataFrame, dict | None]:
+    """Probabilities and the predicted phase per visit; metrics too when labels are present.
+
+    A text value outside its column's fixed category list is read as missing, and ``warn`` gets
+    one line naming the column and the value."""
     from dfu_ml.training.fold import model_inputs, training_rows
     from dfu_ml.training.metrics import classification_metrics
     from dfu_ml.training.stages import predict_all
@@ -23,8 +31,13 @@ def predict_folder(model_dir: Path, data_dir: Path) -> tuple[pd.DataFrame, dict 
     bundle = load_bundle(model_dir)
     config = bundle.config
     dataset = prepare_for_config(data_dir, config, require_labels=False)
-    forest = ClinicalForest(bundle.transformer, bundle.forest)
-    rf_proba = forest.predict_proba(dataset.visits)
+    clinical = bundle.clinical_model
+    for column, value, count in unseen_category_values(dataset.visits, clinical.categories):
+        warn(
+            f"column {column!r}: value {value!r} ({count} visit(s)) is not one of the known "
+            "categories; the model reads it as missing"
+        )
+    rf_proba = clinical.predict_proba(dataset.visits)
     # Unlabelled visits are scored too (label -1).
     rows = training_rows(dataset, config, labelled_only=False)
     if bundle.model is None:
