@@ -169,15 +169,18 @@ CLINICAL_COLUMNS = (
 # Columns without which a row cannot be placed or labelled.
 REQUIRED_CLINICAL_COLUMNS = (PATIENT_COLUMN, APPT_COLUMN, DFU_COLUMN)
 OFFLOADING_COLUMNS = tuple(c for c in CLINICAL_COLUMNS if "Offloading" in c)
-# - Decided by the clinician after assessing the wound at this visit: leak suspects, excluded
-#   unless ``clinical_include_leak_suspect: true`` brings them back. "NoDressing" is 25 of 27 R,
-#   and a dressing change coincides with a phase change at the same visit, not the one before
-#   (docs/RESULTS.md). The free-text "Dressing" is represented by this grouped twin.
-DECIDED_AFTER_ASSESSMENT_COLUMNS = ("Dressing Grouped",)
+# - Decided by the clinician when assessing the wound at this visit: leak suspects, excluded
+#   unless ``clinical_include_leak_suspect: true`` brings them back. The dressing: "NoDressing" is
+#   25 of 27 R, and dressing changes coincide with a phase change at the same visit rather than at
+#   the one before. The offloading: nothing shows that it is recorded before the assessment (the
+#   timing evidence is small and mixed), so it stays here (docs/RESULTS.md). The free-text
+#   "Dressing" is represented by its grouped twin.
+DECIDED_AFTER_ASSESSMENT_COLUMNS = ("Dressing Grouped", *OFFLOADING_COLUMNS)
 LEAK_SUSPECT_COLUMNS = LABEL_DERIVED_COLUMNS + ("Dressing",) + DECIDED_AFTER_ASSESSMENT_COLUMNS
 _NOT_FEATURES = IDENTIFIER_COLUMNS + LABEL_DERIVED_COLUMNS + FREE_TEXT_COLUMNS + (LABEL_COLUMN,)
 # - Measured at the visit, or known before the assessment (history, foot, wound measurements,
-#   temperatures, pain, exudate, the offloading the patient arrived with): the default features.
+#   temperatures, pain, exudate, time since onset and since the first visit): the default
+#   features.
 MEASURED_COLUMNS = tuple(
     c for c in CLINICAL_COLUMNS if c not in _NOT_FEATURES + DECIDED_AFTER_ASSESSMENT_COLUMNS
 )

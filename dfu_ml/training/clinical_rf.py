@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.ensemble import (
     HistGradientBoostingClassifier,
     RandomForestClassifier,
@@ -42,6 +42,25 @@ from dfu_ml.features import ClinicalColumns, feature_pipeline
 # Histogram gradient boosting keeps scikit-learn's defaults except the class weights and a mild
 # L2 penalty: it is compared as it comes, not tuned on the dev folds.
 BOOSTING_SETTINGS = {"learning_rate": 0.1, "max_iter": 100, "l2_regularization": 1.0}
+
+
+class DropUninformative(TransformerMixin, BaseEstimator):
+    """Keeps the columns with at least two distinct values in the training rows (missing
+    values left aside): a constant or all-missing column carries nothing, and gradient boosting
+    cannot bin an all-missing one."""
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=float)
+        self.n_features_in_ = X.shape[1]
+        low, high = np.nanmin(X, axis=0, initial=np.inf), np.nanmax(X, axis=0, initial=-np.inf)
+        self.keep_ = high > low
+        return self
+
+    def transform(self, X):
+        return np.asarray(X, dtype=float)[:, self.keep_]
+
+    def get_feature_names_out(self, input_features=None):
+        return np.asarray(input_features, dtype=object)[self.keep_]
 
 
 def inner_splits(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list:
@@ -68,7 +87,8 @@ def _quadratic_kappa(labels: np.ndarray, predicted: np.ndarray) -> float:
 def fit_thresholds(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The two cut points on the ordinal score that maximise quadratic kappa, from a coarse grid
     of the scores' quantiles (coarse on purpose: the thresholds should not chase noise)."""
-    grid = np.unique(np.quantile(scores, np.linspace(0.02, 0.98, 49)))
+    quantiles = np.unique(np.quantile(scores, np.linspace(0.02, 0.98, 49)))
+    grid = (quantiles[:-1] + quantiles[1:]) / 2  # between scores: no score sits on a cut point
     best = (-np.inf, 0.5, 1.5)
     for i, low in enumerate(grid):
         for high in grid[i + 1 :]:
@@ -193,8 +213,16 @@ class ClinicalModelSpec:
         raise ValueError(f"unknown clinical model {self.model!r}; one of {CLINICAL_MODELS}")
 
     def pipeline(self) -> Pipeline:
-        """The unfitted pipeline: clinical features, then the estimator."""
-        return Pipeline([("features", feature_pipeline(self.columns)), ("model", self.estimator())])
+        """The unfitted pipeline: clinical features, then the estimator. Features that are
+        constant or entirely missing in the training rows are dropped first: they carry nothing,
+        and gradient boosting cannot bin an all-missing column."""
+        return Pipeline(
+            [
+                ("features", feature_pipeline(self.columns)),
+                ("informative", DropUninformative()),
+                ("model", self.estimator()),
+            ]
+        )
 
     def describe(self) -> dict:
         """The estimator and the columns it uses (summary.json)."""
@@ -238,7 +266,8 @@ class ClinicalModel:
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self.pipeline.named_steps["features"].get_feature_names_out())
+        """The columns the estimator receives (``pipeline[:-1].transform``)."""
+        return [str(c) for c in self.pipeline[:-1].get_feature_names_out()]
 
 
 def fit_clinical_model(visits: pd.DataFrame, spec: ClinicalModelSpec) -> ClinicalModel:
