@@ -12,9 +12,11 @@ are per visit. Every variant of a seed validates on the same folds.
     .venv/bin/python bench/real_metadata_cv.py --variants forest --set clinical_include_leak_suspect=true
     .venv/bin/python bench/real_metadata_cv.py --json out.json          # also write the figures
 
-Variants (``--variants NAME ...`` or ``all``) are config overrides on the paper profile, except
-``forest_median_imputed``: the forest behind median imputation and scaling fitted on the training
-visits (what the project did before missing values were kept), built here only to measure it.
+Variants (``--variants NAME ...`` or ``all``) are config overrides on the paper profile, and a
+few ablations built here only to measure them, on the same folds: ``*_median_imputed*`` (median
+imputation and scaling fitted on the training visits in front of the forest: the feature handling
+before missing values were kept), ``forest_dressing_only`` and ``forest_offloading_only`` (one
+group of the leak suspects brought back).
 
 The data folder defaults to ``../shared/data/dfu_real_dev`` next to the repository (override with
 ``--data`` or the DFU_REAL_DEV environment variable).
@@ -44,55 +46,76 @@ HEADLINE = ("quadratic_kappa", "accuracy", "macro_f1")
 METRICS = (*HEADLINE, *(f"f1_{c}" for c in CLASS_NAMES))
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dfu_real_dev"
 STUDY_COLUMNS = "clinical_include_leak_suspect=true"
-VARIANTS = {
-    "forest": [],
-    "forest_study_columns": [STUDY_COLUMNS],
-    "forest_median_imputed": [],
-    "forest_median_imputed_study_columns": [STUDY_COLUMNS],
-    "boosting": ["clinical_model=boosting"],
-    "boosting_study_columns": ["clinical_model=boosting", STUDY_COLUMNS],
-    "ordinal_forest": ["clinical_model=ordinal_forest"],
-    "ordinal_forest_study_columns": ["clinical_model=ordinal_forest", STUDY_COLUMNS],
-}
 
 
-def _median_imputed_pipeline(spec):
-    """The forest behind median imputation and scaling (the pre-fix feature handling)."""
+def _pipeline(spec, columns=None, median_imputed=False):
+    """A bench-only ablation of the real clinical pipeline: other columns, or median imputation
+    and scaling after the features (the feature handling before missing values were kept)."""
     from sklearn.impute import SimpleImputer
-    from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
     from dfu_ml.features import feature_pipeline
 
-    return Pipeline(
-        [
-            ("features", feature_pipeline(spec.columns)),
+    pipeline = spec.pipeline()
+    if columns is not None:
+        pipeline.steps[0] = ("features", feature_pipeline(columns))
+    if median_imputed:
+        pipeline.steps[1:1] = [
             ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
             ("scale", StandardScaler()),
-            ("model", spec.estimator()),
         ]
-    )
+    return pipeline
 
 
-def _median_imputed_proba(dataset, config, plan) -> np.ndarray:
-    """Validation-visit probabilities of the median-imputed forest, fitted on the training
-    visits of the same fold (training rows get none: nothing uses them metadata-only)."""
+def _only(group: str):
+    """The default columns plus one group of the leak suspects (dressing or offloading)."""
+    from dfu_ml.data.schema import OFFLOADING_COLUMNS
+    from dfu_ml.features import ClinicalColumns
+
+    default, study = ClinicalColumns.for_policy(False), ClinicalColumns.for_policy(True)
+    if group == "dressing":
+        return ClinicalColumns(default.numeric, study.ordinal, study.nominal, True)
+    extra = tuple(c for c in study.numeric if c in OFFLOADING_COLUMNS)
+    return ClinicalColumns(default.numeric + extra, default.ordinal, default.nominal, True)
+
+
+# name -> (config overrides on the profile, bench-only pipeline or None for the real fold_rf)
+VARIANTS = {
+    "forest": ([], None),
+    "forest_study_columns": ([STUDY_COLUMNS], None),
+    "forest_dressing_only": ([], lambda spec: _pipeline(spec, _only("dressing"))),
+    "forest_offloading_only": ([], lambda spec: _pipeline(spec, _only("offloading"))),
+    "forest_median_imputed": ([], lambda spec: _pipeline(spec, median_imputed=True)),
+    "forest_median_imputed_study_columns": (
+        [STUDY_COLUMNS],
+        lambda spec: _pipeline(spec, median_imputed=True),
+    ),
+    "boosting": (["clinical_model=boosting"], None),
+    "boosting_study_columns": (["clinical_model=boosting", STUDY_COLUMNS], None),
+    "ordinal_forest": (["clinical_model=ordinal_forest"], None),
+    "ordinal_forest_study_columns": (["clinical_model=ordinal_forest", STUDY_COLUMNS], None),
+}
+
+
+def _ablation_proba(dataset, config, plan, make_pipeline) -> np.ndarray:
+    """Validation-visit probabilities of a bench-only pipeline fitted on the training visits of
+    the same fold (training rows get none: nothing uses them metadata-only)."""
     rows = training_rows(dataset, config)
     train = np.unique(rows["visit_index"].to_numpy()[plan["train_rows"]])
     val = np.unique(rows["visit_index"].to_numpy()[plan["val_rows"]])
     visits = dataset.visits
-    pipeline = _median_imputed_pipeline(ClinicalModelSpec.from_config(config))
+    pipeline = make_pipeline(ClinicalModelSpec.from_config(config))
     model = ClinicalModel(pipeline.fit(visits.iloc[train], visits["label"].to_numpy()[train]))
     proba = np.full((len(visits), NUM_CLASSES), np.nan)
     proba[val] = model.predict_proba(visits.iloc[val])
     return proba
 
 
-def _fold_metrics(dataset, config, plan, median_imputed: bool) -> dict:
-    if median_imputed:
-        rf_proba = _median_imputed_proba(dataset, config, plan)
-    else:
+def _fold_metrics(dataset, config, plan, make_pipeline=None) -> dict:
+    if make_pipeline is None:
         rf_proba, _ = fold_rf(dataset, config, plan)
+    else:
+        rf_proba = _ablation_proba(dataset, config, plan, make_pipeline)
     metrics = fold_predictions(dataset, config, plan, rf_proba)["metrics"]["per_visit"]
     out = {m: metrics[m] for m in HEADLINE}
     out.update({f"f1_{c}": metrics["f1_per_class"][c] for c in CLASS_NAMES})
@@ -103,14 +126,14 @@ def _mean_std(values) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
-def run_cv(dataset, profile: str, overrides: list[str], median_imputed=False, log=print) -> dict:
+def run_cv(dataset, profile: str, overrides: list[str], make_pipeline=None, log=print) -> dict:
     """Metadata-only K-fold patient CV; returns per-fold metrics and mean/std over folds."""
     config = load_config(profile, ["modalities=metadata", *overrides])
     folds = []
     for k in range(config.cv_folds):
         start = time.time()
         plan = plan_fold(dataset, config, k)
-        metrics = _fold_metrics(dataset, config, plan, median_imputed)
+        metrics = _fold_metrics(dataset, config, plan, make_pipeline)
         folds.append(
             {
                 "fold": k,
@@ -162,6 +185,46 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+TIMING_COLUMNS = (
+    "Dressing Grouped",
+    "Offloading Score",
+    "No Offloading",
+    "Wound Score",
+    "Exudate Amount (None:0,Minor,Medium,Severe:3)",
+    "Pain Level",
+)
+
+
+def column_timing(visits, columns=TIMING_COLUMNS) -> dict:
+    """When does a column change, relative to the phase? Over consecutive visits of one ulcer
+    (ordered by Appt Days) with two earlier visits: of the transitions where the column's value
+    changed, the share where the phase changed at the same visit, and where it changed at the
+    visit before. A column decided after this visit's assessment follows this visit's phase; one
+    decided at the previous visit (what the patient arrives with) follows the previous phase."""
+    ordered = visits.sort_values(["Patient#", "DFU#", "Appt Days", "row_in_file"])
+    ulcer = ordered.groupby(["Patient#", "DFU#"])
+    label = ordered["label"]
+    changed_now = ulcer["label"].shift(1).ne(label) & ulcer["label"].shift(1).notna()
+    changed_before = changed_now.groupby([ordered["Patient#"], ordered["DFU#"]]).shift(1)
+    eligible = ulcer["label"].shift(2).notna()
+    out = {
+        "baseline": {
+            "transitions": int(eligible.sum()),
+            "phase_changed_now": float(changed_now[eligible].mean()),
+            "phase_changed_before": float(changed_before[eligible].astype(float).mean()),
+        }
+    }
+    for column in columns:
+        previous = ulcer[column].shift(1)
+        moved = eligible & previous.notna() & ordered[column].notna() & previous.ne(ordered[column])
+        out[column] = {
+            "transitions": int(moved.sum()),
+            "phase_changed_now": float(changed_now[moved].mean()),
+            "phase_changed_before": float(changed_before[moved].astype(float).mean()),
+        }
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("DFU_REAL_DEV", str(DEFAULT_DATA)))
@@ -178,6 +241,9 @@ def main(argv=None) -> int:
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra config overrides"
     )
     parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument(
+        "--timing", action="store_true", help="also print when leak-suspect columns change"
+    )
     args = parser.parse_args(argv)
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
     unknown = [n for n in names if n not in VARIANTS]
@@ -193,18 +259,23 @@ def main(argv=None) -> int:
         f"{report['duplicate_visit_keys']} (merged {report['duplicate_rows_merged']}, "
         f"renumbered {report['visits_renumbered']})"
     )
+    timing = column_timing(dataset.visits) if args.timing else None
+    if timing:
+        print("column changes vs phase changes (share of the column's changes):")
+        for column, t in timing.items():
+            print(
+                f"  {column[:45]:45s} {t['transitions']:4d} changes: phase changed at the same "
+                f"visit {t['phase_changed_now']:.2f}, at the visit before "
+                f"{t['phase_changed_before']:.2f}"
+            )
     results = {}
     for name in names:
-        overrides = [f"cv_folds={args.folds}", *VARIANTS[name], *args.set]
+        variant_overrides, make_pipeline = VARIANTS[name]
+        overrides = [f"cv_folds={args.folds}", *variant_overrides, *args.set]
         print(f"{name}: {' '.join(overrides)}", flush=True)
         runs = []
         for seed in args.seeds:
-            run = run_cv(
-                dataset,
-                args.profile,
-                [*overrides, f"seed={seed}"],
-                median_imputed="median_imputed" in name,
-            )
+            run = run_cv(dataset, args.profile, [*overrides, f"seed={seed}"], make_pipeline)
             runs.append(run)
             ms = run["mean_std"]
             print(
@@ -232,6 +303,7 @@ def main(argv=None) -> int:
         "visits": report["labelled_visits"],
         "patients": report["patients"],
         "variants": results,
+        "timing": timing,
         "seconds": round(time.time() - start, 1),
     }
     print(f"total {out['seconds']} s")

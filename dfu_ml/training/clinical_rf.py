@@ -35,7 +35,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, cross_val_
 from sklearn.pipeline import Pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
-from dfu_ml.config import CLINICAL_MODELS
+from dfu_ml.config import CLINICAL_MODELS, Config
 from dfu_ml.data.schema import NUM_CLASSES, PATIENT_COLUMN
 from dfu_ml.features import ClinicalColumns, feature_pipeline
 
@@ -46,8 +46,7 @@ BOOSTING_SETTINGS = {"learning_rate": 0.1, "max_iter": 100, "l2_regularization":
 
 class DropUninformative(TransformerMixin, BaseEstimator):
     """Keeps the columns with at least two distinct values in the training rows (missing
-    values left aside): a constant or all-missing column carries nothing, and gradient boosting
-    cannot bin an all-missing one."""
+    values left aside): a constant or all-missing column carries nothing."""
 
     def fit(self, X, y=None):
         X = np.asarray(X, dtype=float)
@@ -163,12 +162,13 @@ class ClinicalModelSpec:
     """What defines the clinical model (config keys ``clinical_model``, ``rf_*`` and
     ``clinical_include_leak_suspect``)."""
 
-    model: str = "forest"
-    n_estimators: int = 300
-    max_depth: int = 0  # 0 means unlimited
-    min_samples_leaf: int = 2
-    inner_folds: int = 5
-    include_leak_suspect: bool = False
+    # The defaults are the configuration's (dfu_ml/config.py says why).
+    model: str = Config.clinical_model
+    n_estimators: int = Config.rf_n_estimators
+    max_depth: int = Config.rf_max_depth  # 0 means unlimited
+    min_samples_leaf: int = Config.rf_min_samples_leaf
+    inner_folds: int = Config.rf_inner_folds
+    include_leak_suspect: bool = Config.clinical_include_leak_suspect
     seed: int = 0
 
     @classmethod
@@ -213,16 +213,14 @@ class ClinicalModelSpec:
         raise ValueError(f"unknown clinical model {self.model!r}; one of {CLINICAL_MODELS}")
 
     def pipeline(self) -> Pipeline:
-        """The unfitted pipeline: clinical features, then the estimator. Features that are
-        constant or entirely missing in the training rows are dropped first: they carry nothing,
-        and gradient boosting cannot bin an all-missing column."""
-        return Pipeline(
-            [
-                ("features", feature_pipeline(self.columns)),
-                ("informative", DropUninformative()),
-                ("model", self.estimator()),
-            ]
-        )
+        """The unfitted pipeline: clinical features, then the estimator. Boosting gets the
+        features that vary in the training rows only: scikit-learn's gradient boosting cannot bin
+        an all-missing column (the forests need no such step, and their number of candidate
+        features per split stays fixed by the schema)."""
+        steps = [("features", feature_pipeline(self.columns))]
+        if self.model == "boosting":
+            steps.append(("informative", DropUninformative()))
+        return Pipeline([*steps, ("model", self.estimator())])
 
     def describe(self) -> dict:
         """The estimator and the columns it uses (summary.json)."""
