@@ -16,7 +16,10 @@ Variants (``--variants NAME ...`` or ``all``) are config overrides on the paper 
 few ablations built here only to measure them, on the same folds: ``*_median_imputed*`` (median
 imputation and scaling fitted on the training visits in front of the forest: the feature handling
 before missing values were kept), ``forest_dressing_only`` and ``forest_offloading_only`` (one
-group of the leak suspects brought back).
+group of the leak suspects brought back), ``forest_unweighted`` (no balanced class weights),
+``forest_expected_class`` (the rounded expected phase instead of the argmax) and
+``forest_duplicates_dropped`` (the two renumbered visits left out, as the old deduplication did;
+the folds move only by those two visits).
 
 The data folder defaults to ``../shared/data/dfu_real_dev`` next to the repository (override with
 ``--data`` or the DFU_REAL_DEV environment variable).
@@ -25,10 +28,13 @@ The data folder defaults to ``../shared/data/dfu_real_dev`` next to the reposito
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the fold blocks import Keras
@@ -79,43 +85,87 @@ def _only(group: str):
     return ClinicalColumns(default.numeric + extra, default.ordinal, default.nominal, True)
 
 
-# name -> (config overrides on the profile, bench-only pipeline or None for the real fold_rf)
+def _unweighted(spec):
+    """The forest without ``class_weight="balanced"``."""
+    return spec.pipeline().set_params(model__class_weight=None)
+
+
+def expected_class(proba: np.ndarray) -> np.ndarray:
+    """The rounded expected phase (sum of k * p_k) as a one-hot: the decision rule that argmax
+    replaced."""
+    chosen = np.rint(proba @ np.arange(NUM_CLASSES)).astype(int).clip(0, NUM_CLASSES - 1)
+    return np.eye(NUM_CLASSES)[chosen]
+
+
+def duplicates_dropped(dataset):
+    """The renumbered visits unlabelled (so no run uses them): what dropping the second row of a
+    duplicated visit key did before."""
+    lines = [
+        int(r.split("line ")[1].split(":")[0]) for r in dataset.meta["report"]["renumbered_visits"]
+    ]
+    visits = dataset.visits.copy()
+    visits.loc[visits["row_in_file"].isin(lines), "label"] = -1
+    return dataclasses.replace(dataset, visits=visits)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Config overrides on the profile, and bench-only changes measured on the same folds: a
+    pipeline built from the spec (None: the real ``fold_rf``), a decision rule applied to the
+    validation probabilities, a change to the prepared data."""
+
+    overrides: tuple = ()
+    pipeline: Callable | None = None
+    decide: Callable | None = None
+    data: Callable | None = None
+
+
 VARIANTS = {
-    "forest": ([], None),
-    "forest_study_columns": ([STUDY_COLUMNS], None),
-    "forest_dressing_only": ([], lambda spec: _pipeline(spec, _only("dressing"))),
-    "forest_offloading_only": ([], lambda spec: _pipeline(spec, _only("offloading"))),
-    "forest_median_imputed": ([], lambda spec: _pipeline(spec, median_imputed=True)),
-    "forest_median_imputed_study_columns": (
-        [STUDY_COLUMNS],
-        lambda spec: _pipeline(spec, median_imputed=True),
+    "forest": Variant(),
+    "forest_study_columns": Variant((STUDY_COLUMNS,)),
+    "forest_dressing_only": Variant(pipeline=lambda spec: _pipeline(spec, _only("dressing"))),
+    "forest_offloading_only": Variant(pipeline=lambda spec: _pipeline(spec, _only("offloading"))),
+    "forest_median_imputed": Variant(pipeline=lambda spec: _pipeline(spec, median_imputed=True)),
+    "forest_median_imputed_study_columns": Variant(
+        (STUDY_COLUMNS,), pipeline=lambda spec: _pipeline(spec, median_imputed=True)
     ),
-    "boosting": (["clinical_model=boosting"], None),
-    "boosting_study_columns": (["clinical_model=boosting", STUDY_COLUMNS], None),
-    "ordinal_forest": (["clinical_model=ordinal_forest"], None),
-    "ordinal_forest_study_columns": (["clinical_model=ordinal_forest", STUDY_COLUMNS], None),
+    "forest_unweighted": Variant(pipeline=_unweighted),
+    "forest_expected_class": Variant(decide=expected_class),
+    "forest_duplicates_dropped": Variant(data=duplicates_dropped),
+    **{f"forest_leaf{n}": Variant((f"rf_min_samples_leaf={n}",)) for n in (1, 2, 3, 10)},
+    "forest_500_trees": Variant(("rf_n_estimators=500",)),
+    "boosting": Variant(("clinical_model=boosting",)),
+    "boosting_study_columns": Variant(("clinical_model=boosting", STUDY_COLUMNS)),
+    "ordinal_forest": Variant(("clinical_model=ordinal_forest",)),
+    "ordinal_forest_study_columns": Variant(("clinical_model=ordinal_forest", STUDY_COLUMNS)),
 }
 
 
-def _ablation_proba(dataset, config, plan, make_pipeline) -> np.ndarray:
-    """Validation-visit probabilities of a bench-only pipeline fitted on the training visits of
-    the same fold (training rows get none: nothing uses them metadata-only)."""
+def _ablation_proba(dataset, config, plan, variant: Variant) -> np.ndarray:
+    """Validation-visit probabilities of a bench-only pipeline (or the real one) fitted on the
+    training visits of the same fold, through the variant's decision rule (training rows get
+    none: nothing uses them metadata-only)."""
     rows = training_rows(dataset, config)
     train = np.unique(rows["visit_index"].to_numpy()[plan["train_rows"]])
     val = np.unique(rows["visit_index"].to_numpy()[plan["val_rows"]])
     visits = dataset.visits
-    pipeline = make_pipeline(ClinicalModelSpec.from_config(config))
-    model = ClinicalModel(pipeline.fit(visits.iloc[train], visits["label"].to_numpy()[train]))
+    spec = ClinicalModelSpec.from_config(config)
+    pipeline = variant.pipeline(spec) if variant.pipeline else spec.pipeline()
+    fitted = pipeline.fit(
+        visits.iloc[train], visits["label"].to_numpy()[train], **spec.fit_params(visits.iloc[train])
+    )
     proba = np.full((len(visits), NUM_CLASSES), np.nan)
-    proba[val] = model.predict_proba(visits.iloc[val])
+    proba[val] = ClinicalModel(fitted).predict_proba(visits.iloc[val])
+    if variant.decide:
+        proba[val] = variant.decide(proba[val])
     return proba
 
 
-def _fold_metrics(dataset, config, plan, make_pipeline=None) -> dict:
-    if make_pipeline is None:
+def _fold_metrics(dataset, config, plan, variant: Variant) -> dict:
+    if variant.pipeline is None and variant.decide is None:
         rf_proba, _ = fold_rf(dataset, config, plan)
     else:
-        rf_proba = _ablation_proba(dataset, config, plan, make_pipeline)
+        rf_proba = _ablation_proba(dataset, config, plan, variant)
     metrics = fold_predictions(dataset, config, plan, rf_proba)["metrics"]["per_visit"]
     out = {m: metrics[m] for m in HEADLINE}
     out.update({f"f1_{c}": metrics["f1_per_class"][c] for c in CLASS_NAMES})
@@ -126,14 +176,14 @@ def _mean_std(values) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
-def run_cv(dataset, profile: str, overrides: list[str], make_pipeline=None, log=print) -> dict:
+def run_cv(dataset, profile: str, overrides: list[str], variant=Variant(), log=print) -> dict:
     """Metadata-only K-fold patient CV; returns per-fold metrics and mean/std over folds."""
     config = load_config(profile, ["modalities=metadata", *overrides])
     folds = []
     for k in range(config.cv_folds):
         start = time.time()
         plan = plan_fold(dataset, config, k)
-        metrics = _fold_metrics(dataset, config, plan, make_pipeline)
+        metrics = _fold_metrics(dataset, config, plan, variant)
         folds.append(
             {
                 "fold": k,
@@ -270,12 +320,13 @@ def main(argv=None) -> int:
             )
     results = {}
     for name in names:
-        variant_overrides, make_pipeline = VARIANTS[name]
-        overrides = [f"cv_folds={args.folds}", *variant_overrides, *args.set]
+        variant = VARIANTS[name]
+        overrides = [f"cv_folds={args.folds}", *variant.overrides, *args.set]
+        data = variant.data(dataset) if variant.data else dataset
         print(f"{name}: {' '.join(overrides)}", flush=True)
         runs = []
         for seed in args.seeds:
-            run = run_cv(dataset, args.profile, [*overrides, f"seed={seed}"], make_pipeline)
+            run = run_cv(data, args.profile, [*overrides, f"seed={seed}"], variant)
             runs.append(run)
             ms = run["mean_std"]
             print(
