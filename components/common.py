@@ -118,7 +118,9 @@ def _stage_s3_arguments(args: argparse.Namespace, scratch: Path) -> list[tuple[P
                 folder.mkdir(parents=True)
                 uploads.append((folder, str(item)))
             else:
-                download_tree(str(item), folder)
+                # KFP's launcher writes artifacts without our marker (and records them only once
+                # uploaded): read them, with a warning; an unfinished upload of ours is refused.
+                download_tree(str(item), folder, allow_unmarked=True)
             local.append(folder)
         setattr(args, name, local if isinstance(value, list) else local[0])
     return uploads

@@ -21,7 +21,12 @@ def run_prepare(data: str, config: Config, out: Path, report_path: Path | None =
     from dfu_ml.storage import download_tree, is_s3_uri
 
     with tempfile.TemporaryDirectory(prefix="dfu-data-") as scratch:
-        folder = download_tree(data, Path(scratch) / "data") if is_s3_uri(data) else Path(data)
+        # Datasets are often copied with other tools (no completion marker): read, with a warning.
+        folder = (
+            download_tree(data, Path(scratch) / "data", allow_unmarked=True)
+            if is_s3_uri(data)
+            else Path(data)
+        )
         dataset = prepare_for_config(folder, config)
     dataset.meta["source"] = data
     dataset.meta["report"]["content_digest"] = content_digest(dataset)

@@ -39,12 +39,15 @@ def run_publish(bundle: Path, models_uri: str) -> str:
 
     Published models are immutable: when that model id is already complete there, nothing is
     written (the id is a digest of the configuration, the code and the data, so the model there
-    is this one).
+    is this one). An earlier publish that did not finish is not complete (object storage shows a
+    tree only with its completion marker), so publishing again completes it; a publish that
+    runs at the same time as another of the same id leaves the first one to finish in place.
+    The bundle is verified against its manifest before anything is pushed.
     """
-    from dfu_ml.bundle import MANIFEST
+    from dfu_ml.bundle import bundle_digest, verify_bundle
     from dfu_ml.storage import copy_tree, tree_is_complete
 
-    manifest = read_json(Path(bundle) / MANIFEST)
+    manifest = verify_bundle(Path(bundle))
     if not manifest["blessed"]:
         print(
             "NOT PUBLISHED: the training-health verdict failed; the bundle is kept in the run's "
@@ -55,16 +58,18 @@ def run_publish(bundle: Path, models_uri: str) -> str:
     if not models_uri:
         print("blessed; no models_uri given, so nothing was pushed", flush=True)
         return ""
-    target = models_uri.rstrip("/") + "/" + manifest["model_id"]
-    if tree_is_complete(target):
+    model = manifest["model_id"]
+    target = models_uri.rstrip("/") + "/" + model
+    if tree_is_complete(target) or not copy_tree(bundle, target, if_absent=True):
         print(
-            f"model {manifest['model_id']} is already published at {target}; nothing was written "
+            f"model {model} is already published at {target}; nothing was written "
             "(published models are never overwritten)",
             flush=True,
         )
         return target
-    copy_tree(bundle, target)
-    print(f"published {manifest['model_id']} to {target}", flush=True)
+    print(
+        f"published {model} (bundle digest sha256:{bundle_digest(bundle)}) to {target}", flush=True
+    )
     return target
 
 
@@ -106,7 +111,11 @@ def bundle_model(
         data_digest,
         code_version,
     )
+    from dfu_ml.bundle import bundle_digest
+
     final_model.metadata.update({k: manifest[k] for k in ("model_id", "blessed")})
+    # Recorded by KFP with the artifact: `dfu-kfp predict --expect-digest` checks a copy against it.
+    final_model.metadata["bundle_digest"] = "sha256:" + bundle_digest(Path(final_model.path))
 
 
 def publish_model(final_model: Input[Model], models_uri: str) -> str:

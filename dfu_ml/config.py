@@ -34,13 +34,9 @@ RESAMPLING = ("none", "random", "combined")
 PRETRAIN_ALPHA = ("equal", "capped", "uncapped")
 STAGE1_FREEZE = ("backbone", "encoder")
 CLINICAL_MODELS = ("forest", "boosting", "ordinal_forest")
-# Allowed ranges (inclusive) of the clinical model's integer keys.
-CLINICAL_RANGES = {
-    "rf_n_estimators": (1, 5000),
-    "rf_max_depth": (0, 1000),
-    "rf_min_samples_leaf": (1, 1000),
-    "rf_inner_folds": (2, 20),
-}
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# Words YAML reads as strings (on/off would be booleans).
+JIT_COMPILE = ("auto", "compiled", "eager")
 
 
 @dataclass
@@ -104,10 +100,22 @@ class Config:
     stage2_unfreeze_fraction: float = 0.2
     fusion_rf_weight: float = 0.70
     fusion_learnable: bool = True  # RC5: a fixed 0.70/0.30 split scaled the image gradient by 0.3
+    # How the image stages execute (docs/TRAINING.md, "Fast training steps"). Mixed precision
+    # changes the arithmetic, so it is part of the experiment; the probability layers stay float32.
+    mixed_precision: str = "none"  # none | mixed_bfloat16 | mixed_float16 (GPU profiles: bf16)
+    # auto: Keras's choice (XLA on TensorFlow with a GPU and on JAX; eager on torch and on CPU,
+    # where XLA was ~7x slower). compiled: XLA, or torch.compile on torch. eager: neither.
+    # Measure before choosing (bench/gpu_stages.py).
+    jit_compile: str = "auto"
+    predict_batch_size: int = 256  # validation/feature batches: as large as memory allows
+    stage1_cached_features: bool = True  # Stage 1 trains on the frozen backbones' cached output
     # Health verdict
     health_min_kappa: float = 0.25
     health_min_trainable_params: int = 1000
     health_min_steps_per_epoch: int = 3
+    # A stage whose best epoch is 1 passes as an early peak only if its training loss fell by at
+    # least this fraction (a stuck stage's loss stays where epoch 1 left it).
+    health_min_loss_drop: float = 0.05
 
     @property
     def image_modalities(self) -> list[str]:
@@ -164,7 +172,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return value
+        # A partial mapping overrides the defaults it names and keeps the others.
+        return {**default, **value}
     return value
 
 
@@ -196,6 +205,12 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"config key 'crop_margins' has unknown modality {sorted(unknown_margins)}"
         )
+    for modality, margin in config.crop_margins.items():
+        if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 1000:
+            raise ConfigError(
+                f"config key 'crop_margins': the {modality} margin must be a whole number of "
+                f"pixels in 0..1000, got {margin!r}"
+            )
     _choice("on_missing_image", config.on_missing_image, ("error", "skip"))
     _choice("resampling", config.resampling, RESAMPLING)
     _choice("pretrain_alpha", config.pretrain_alpha, PRETRAIN_ALPHA)
@@ -228,17 +243,41 @@ def validate(config: Config) -> Config:
             "config key 'stage2_unfreeze_fraction' must be in [0, 1], got "
             f"{config.stage2_unfreeze_fraction}"
         )
-    _validate_clinical(config)
+    _choice("clinical_model", config.clinical_model, CLINICAL_MODELS)
+    for key, low, high, meaning in RANGES:
+        value = getattr(config, key)
+        if not low <= value <= high or (key in OPEN_ABOVE and value == high):
+            interval = f"[{low}, {high}{')' if key in OPEN_ABOVE else ']'}"
+            raise ConfigError(f"config key {key!r} must be in {interval} ({meaning}), got {value}")
+    _validate_execution(config)
     return config
 
 
-def _validate_clinical(config: Config) -> None:
-    """The clinical model's keys: a choice and integer ranges (ConfigError names key and range)."""
-    _choice("clinical_model", config.clinical_model, CLINICAL_MODELS)
-    for key, (low, high) in CLINICAL_RANGES.items():
-        value = getattr(config, key)
-        if not low <= value <= high:
-            raise ConfigError(f"config key {key!r} must be in [{low}, {high}], got {value}")
+# Range checks of the keys without a check of their own above: (key, low, high, meaning).
+RANGES = (
+    ("seed", 0, 2**32 - 1, "a non-negative integer seed"),
+    ("focal_gamma", 0.0, 10.0, "the focal loss's focusing exponent; 0 is cross-entropy"),
+    ("dropout", 0.0, 1.0, "the fraction of features dropped"),
+    ("health_min_kappa", -1.0, 1.0, "a kappa threshold"),
+    ("health_min_trainable_params", 0, 10**10, "a parameter count"),
+    ("health_min_steps_per_epoch", 1, 10**6, "updates per epoch"),
+    ("health_min_loss_drop", 0.0, 1.0, "a fraction of the epoch-1 training loss"),
+    ("rf_n_estimators", 1, 5000, "trees of the clinical forests"),
+    ("rf_max_depth", 0, 1000, "the clinical trees' depth; 0 is unlimited"),
+    ("rf_min_samples_leaf", 1, 1000, "training visits per leaf of the clinical trees"),
+    ("rf_inner_folds", 2, 20, "patient-grouped inner folds of the clinical model"),
+)
+OPEN_ABOVE = {"dropout", "health_min_loss_drop"}
+
+
+def _validate_execution(config: Config) -> None:
+    """The keys of how the image stages execute (mixed precision, compilation, batch sizes)."""
+    _choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    _choice("jit_compile", config.jit_compile, JIT_COMPILE)
+    if config.predict_batch_size < 1:
+        raise ConfigError(
+            f"config key 'predict_batch_size' must be >= 1, got {config.predict_batch_size}"
+        )
 
 
 def from_dict(values: dict, source: str = "config") -> Config:

@@ -19,16 +19,19 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def predict_folder(model_dir: Path, data_dir: Path, warn=_warn) -> tuple[pd.DataFrame, dict | None]:
+def predict_folder(
+    model_dir: Path, data_dir: Path, expected_digest: str = "", warn=_warn
+) -> tuple[pd.DataFrame, dict | None]:
     """Probabilities and the predicted phase per visit; metrics too when labels are present.
 
-    A text value outside its column's fixed category list is read as missing, and ``warn`` gets
-    one line naming the column and the value."""
+    The bundle is verified before it is loaded (``dfu_ml.bundle.verify_bundle``), against
+    ``expected_digest`` too when one is given. A text value outside its column's fixed category
+    list is read as missing, and ``warn`` gets one line naming the column and the value."""
     from dfu_ml.training.fold import model_inputs, training_rows
     from dfu_ml.training.metrics import classification_metrics
     from dfu_ml.training.stages import predict_all
 
-    bundle = load_bundle(model_dir)
+    bundle = load_bundle(model_dir, expected_digest)
     config = bundle.config
     dataset = prepare_for_config(data_dir, config, require_labels=False)
     clinical = bundle.clinical_model

@@ -4,16 +4,25 @@ A location is either a local folder path or a URI ``s3://bucket/prefix``. The S3
 configured from environment variables (see ``S3Settings.from_env``) so that the same code runs
 against MinIO inside a Kubeflow cluster, AWS S3, or a test server. Every expected failure is raised
 as ``StorageError`` with a message that names the endpoint, bucket, object or variable at fault.
-Writes never leave a half-written result visible: objects are uploaded whole, a ``_SUCCESS``
-marker is written last, and local destinations are filled in a temporary folder and then renamed.
+
+Complete or invisible: a tree written to S3 becomes visible only when its ``_SUCCESS`` marker,
+which lists every file with its size and SHA-256, is written last, and overwriting a tree never
+exposes a mixture of old and new objects (see "Trees" below); readers check every file against the
+marker. Local destinations are filled in a temporary folder and then renamed into place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import errno
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -24,12 +33,11 @@ from pathlib import Path, PurePosixPath
 import certifi
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.util import Retry, Timeout
 
 from dfu_ml.errors import StorageError
-
-SUCCESS_MARKER = "_SUCCESS"
 
 ENDPOINT_VAR = "DFU_S3_ENDPOINT"
 ACCESS_KEY_VAR = "DFU_S3_ACCESS_KEY"
@@ -308,13 +316,68 @@ def _endpoint_name(settings: S3Settings | None) -> str:
     return f"{scheme}://{settings.endpoint}"
 
 
+# Fields of a signed request that a library may echo in an error: the value goes, the name stays.
+_SIGNED_FIELDS = re.compile(
+    r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|Credential|"
+    r"Authorization)(\s*[=:]\s*)([^\s&,;\"'<>]+)"
+)
+# A secret at least this long is removed wherever it appears; a shorter one only where it stands
+# as a whole token, so that a secret "b" does not turn "bucket" into "***ucket".
+_LONG_SECRET = 8
+_TOKEN_CHARS = "A-Za-z0-9"
+
+
 def _redact(message: str, settings: S3Settings | None) -> str:
-    """Remove the secret key from a message in case a server or library echoed it."""
-    # Real secrets are long (MinIO needs 8+ characters); replacing a tiny test secret like "b"
-    # would garble the message without protecting anything.
-    if settings is not None and len(settings.secret_key) >= 8:
-        return message.replace(settings.secret_key, "***")
-    return message
+    """Remove the secret key, and any signature or credential field, from a message in case a
+    server or library echoed them."""
+    message = _SIGNED_FIELDS.sub(lambda m: f"{m.group(1)}{m.group(2)}***", message)
+    secret = settings.secret_key if settings is not None else ""
+    if not secret:
+        return message
+    if len(secret) >= _LONG_SECRET:
+        return message.replace(secret, "***")
+    token = rf"(?<![{_TOKEN_CHARS}]){re.escape(secret)}(?![{_TOKEN_CHARS}])"
+    return re.sub(token, "***", message)
+
+
+def _warn(message: str) -> None:
+    """A warning on stderr, where the step CLIs and the KFP log show it."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Digests
+
+_CHUNK = 1024 * 1024
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file's size in bytes and SHA-256 (hex): what a tree marker or a bundle manifest lists."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileEntry:
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        return cls(size, digest.hexdigest())
+
+    @classmethod
+    def from_dict(cls, value: Mapping) -> FileEntry:
+        """Parse ``{"size": n, "sha256": hex}``; ValueError/TypeError/KeyError when malformed."""
+        size, sha256 = value["size"], value["sha256"]
+        if type(size) is not int or size < 0 or not _SHA256_HEX.fullmatch(str(sha256)):
+            raise ValueError(f"not a size and SHA-256: {dict(value)!r}")
+        return cls(size, str(sha256))
+
+    def describe(self) -> str:
+        return f"{self.size} bytes, SHA-256 {self.sha256[:12]}..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,34 +416,45 @@ def _safe_relative(relative: str, uri: str) -> PurePosixPath:
 
 
 @contextmanager
-def _atomic_local_dir(destination: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``destination`` and publish it there on success.
-
-    Readers never see a half-copied tree: a new or empty destination is replaced by one rename.
-    Into an existing non-empty folder each file is moved with ``os.replace``, which is atomic per
-    file. On failure the temporary folder is removed and the destination is left untouched.
-    """
-    destination = Path(destination)
+def _local_staging_dir(destination: Path) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``destination``, removed on exit: a failure leaves
+    nothing behind, and what was published had been renamed out of it."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
         yield staging
-        _publish_dir(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish_dir(staging: Path, destination: Path) -> None:
-    """Move the staged tree into place (see ``_atomic_local_dir``)."""
-    if destination.is_dir() and not any(destination.iterdir()):
-        destination.rmdir()
-    if not destination.exists():
-        os.replace(staging, destination)
-        return
+def _empty_dir(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _publish_dir(staging: Path, destination: Path, if_absent: bool = False) -> bool:
+    """Move a staged tree to ``destination``; False when ``if_absent`` found a tree there.
+
+    A new (or empty) destination appears by one rename, whole. Into an existing non-empty folder
+    each file is moved with ``os.replace`` (atomic per file), unless ``if_absent``: then the folder
+    is left as it is, since another writer published it first.
+    """
+    try:
+        os.rename(staging, destination)  # replaces an empty folder, refuses a non-empty one
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not destination.is_dir():
+            raise
+    if if_absent:
+        return False
     for relative, file in _files_under(staging):
         target = destination / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(file, target)
+    return True
 
 
 @contextmanager
@@ -448,79 +522,238 @@ def download_file(
     return Path(local_path)
 
 
-def _download_object(client: Minio, bucket: str, key: str, destination: Path) -> None:
-    """Stream one object into a temporary file and rename it into place when complete."""
+def _download_object(client: Minio, bucket: str, key: str, destination: Path) -> FileEntry:
+    """Stream one object into a temporary file, rename it into place when complete, and return
+    what arrived (size and SHA-256)."""
+    digest, size = hashlib.sha256(), 0
     with _atomic_local_file(destination) as staging:
         response = client.get_object(bucket, key)
         try:
             with open(staging, "wb") as out:
-                for chunk in response.stream(1024 * 1024):
+                for chunk in response.stream(_CHUNK):
                     out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
         finally:
             response.close()
             response.release_conn()
+    return FileEntry(size, digest.hexdigest())
+
+
+def _list_sizes(client: Minio, bucket: str, prefix: str) -> dict[str, int]:
+    """Every object below ``prefix``: relative key -> size, skipping folder placeholders."""
+    # The trailing slash keeps s3://b/data from also matching s3://b/data2/...
+    list_prefix = f"{prefix}/" if prefix else None
+    sizes = {}
+    for obj in client.list_objects(bucket, prefix=list_prefix, recursive=True):
+        name = obj.object_name or ""
+        if not name.endswith("/"):
+            sizes[name[len(list_prefix or "") :]] = obj.size
+    return sizes
+
+
+def _is_missing(exc: S3Error) -> bool:
+    return exc.code in ("NoSuchKey", "NoSuchObject")
 
 
 # --------------------------------------------------------------------------------------------
-# Trees
+# Trees: complete or invisible
+#
+# upload_tree never writes where a reader looks before the whole tree is there. Every file goes
+# to a new version folder, PREFIX/_versions/<version>/<relative path>; then one small object,
+# PREFIX/_SUCCESS (the marker), is written last: it names the version and lists every file with
+# its size and SHA-256. S3 shows a PUT object whole or not at all, so a reader sees the previous
+# marker (the previous tree, whose objects are still there) or the new one (the new tree, all
+# uploaded), never a mixture. Earlier versions are removed after the switch; a reader that was
+# still downloading one starts again from the new marker.
+
+
+SUCCESS_MARKER = "_SUCCESS"
+VERSIONS_FOLDER = "_versions"
+MARKER_FORMAT = "dfu-kfp-tree/2"
+# How often a download starts again because the tree was replaced while it ran.
+REPLACED_RETRIES = 3
+_VERSION_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.-]*")
+
+
+@dataclass(frozen=True)
+class TreeMarker:
+    """The ``_SUCCESS`` object of a tree written by ``upload_tree``: the version folder that
+    holds the tree, and every file's size and SHA-256."""
+
+    version: str
+    files: dict[str, FileEntry]
+
+    def to_json(self) -> bytes:
+        files = {rel: dataclasses.asdict(entry) for rel, entry in sorted(self.files.items())}
+        data = {"format": MARKER_FORMAT, "version": self.version, "files": files}
+        return json.dumps(data, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, uri: str) -> TreeMarker:
+        """Parse a marker; StorageError naming ``uri`` when it is malformed or of another format."""
+        try:
+            value = json.loads(data)
+            fmt = value.get("format")
+            if fmt == MARKER_FORMAT:
+                version, files = value["version"], value["files"]
+                if not _VERSION_NAME.fullmatch(version):
+                    raise ValueError(f"version {version!r}")
+                entries = {str(rel): FileEntry.from_dict(entry) for rel, entry in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StorageError(
+                f"the {SUCCESS_MARKER} marker under {uri} is malformed ({exc!r}); upload the "
+                "tree again"
+            ) from exc
+        if fmt != MARKER_FORMAT:
+            raise StorageError(
+                f"the {SUCCESS_MARKER} marker under {uri} has format {fmt!r}, not "
+                f"{MARKER_FORMAT!r} (written by an older dfu-kfp, without checksums); upload the "
+                "tree again"
+            )
+        return cls(version, entries)
+
+
+def _version_prefix(prefix: str, version: str) -> str:
+    return _object_key(prefix, f"{VERSIONS_FOLDER}/{version}")
+
+
+def _new_version() -> str:
+    """A version name that sorts by creation time (older uploads sort first)."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def _read_marker(client: Minio, bucket: str, prefix: str) -> TreeMarker | None:
+    """The tree's marker, or None when there is none."""
+    key = _object_key(prefix, SUCCESS_MARKER)
+    try:
+        response = client.get_object(bucket, key)
+    except S3Error as exc:
+        if _is_missing(exc):
+            return None
+        raise
+    try:
+        data = response.read()
+    finally:
+        response.close()
+        response.release_conn()
+    return TreeMarker.from_json(data, _s3_uri(bucket, prefix))
+
+
+def _complete_marker(client: Minio, bucket: str, prefix: str) -> TreeMarker | None:
+    """The marker when it is well-formed and every object it lists is there with its size."""
+    try:
+        marker = _read_marker(client, bucket, prefix)
+    except StorageError:
+        return None
+    if marker is None:
+        return None
+    present = _list_sizes(client, bucket, _version_prefix(prefix, marker.version))
+    if any(present.get(rel) != entry.size for rel, entry in marker.files.items()):
+        return None
+    return marker
 
 
 def upload_tree(
-    local_dir: str | os.PathLike, uri: str, *, settings: S3Settings | None = None
-) -> None:
-    """Upload every file under ``local_dir`` below the prefix ``uri``, then a ``_SUCCESS`` marker.
+    local_dir: str | os.PathLike,
+    uri: str,
+    *,
+    settings: S3Settings | None = None,
+    if_absent: bool = False,
+) -> bool:
+    """Upload every file under ``local_dir`` to the prefix ``uri``, complete or invisible.
 
-    Each file is uploaded whole with ``fput_object`` (S3 shows an object only once complete).
-    Any old marker is removed first and the new one, listing every file and its size, is written
-    last, so a reader that finds the marker knows the whole tree is there. A local ``uri`` is
-    handled by ``copy_tree``.
+    See the section comment: files go to a new version folder and the ``_SUCCESS`` marker,
+    listing each file's size and SHA-256, is written last. With ``if_absent`` nothing is
+    switched when a complete tree is already there (returns False; published models are never
+    rewritten). A local ``uri`` is handled by ``copy_tree``. Returns True when written.
     """
     source = _require_local_dir(local_dir)
     if not is_s3_uri(uri):
-        copy_tree(source, uri)
-        return
-    # A root-level _SUCCESS file would clash with the marker written below; that one replaces it.
-    files = [(rel, path) for rel, path in _files_under(source) if rel != SUCCESS_MARKER]
+        return copy_tree(source, uri, if_absent=if_absent)
+    files = _files_under(source)
     if not files:
         raise StorageError(f"local folder {str(source)!r} holds no files to upload to {uri}")
     bucket, prefix = parse_s3_uri(uri)
     settings, client = _connect(settings)
-    marker_key = _object_key(prefix, SUCCESS_MARKER)
+    marker = TreeMarker(_new_version(), {rel: FileEntry.of(path) for rel, path in files})
+    version_prefix = _version_prefix(prefix, marker.version)
     with _storage_errors(f"uploading {source} to {uri}", settings, bucket):
-        client.remove_object(bucket, marker_key)
         for relative, path in files:
-            client.fput_object(bucket, _object_key(prefix, relative), str(path))
-        _put_marker(client, bucket, marker_key, files)
+            client.fput_object(bucket, _object_key(version_prefix, relative), str(path))
+        if if_absent and _complete_marker(client, bucket, prefix) is not None:
+            _remove_version(client, bucket, prefix, marker.version)
+            return False
+        _check_uploaded(client, bucket, prefix, marker)
+        data = marker.to_json()
+        marker_key = _object_key(prefix, SUCCESS_MARKER)
+        client.put_object(
+            bucket, marker_key, io.BytesIO(data), len(data), content_type="application/json"
+        )
+    _remove_older_versions(client, settings, bucket, prefix, marker.version)
+    return True
 
 
-def _put_marker(client: Minio, bucket: str, marker_key: str, files: list[tuple[str, Path]]) -> None:
-    """Write the ``_SUCCESS`` object: JSON with every uploaded file's relative path and size."""
-    marker = {"files": {relative: path.stat().st_size for relative, path in files}}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
-        json.dump(marker, out, indent=1, sort_keys=True)
+def _check_uploaded(client: Minio, bucket: str, prefix: str, marker: TreeMarker) -> None:
+    """Before switching, make sure every uploaded object is still there: the clean-up of a
+    concurrent upload to the same prefix may have removed this one's version folder."""
+    present = _list_sizes(client, bucket, _version_prefix(prefix, marker.version))
+    for relative, entry in sorted(marker.files.items()):
+        if present.get(relative) != entry.size:
+            raise StorageError(
+                f"uploading to {_s3_uri(bucket, prefix)} was disturbed: {relative} is no longer "
+                "there after its upload (another upload to the same prefix ran at the same "
+                "time?); upload again"
+            )
+
+
+def _remove_version(client: Minio, bucket: str, prefix: str, version: str) -> None:
+    version_prefix = _version_prefix(prefix, version)
+    keys = [_object_key(version_prefix, rel) for rel in _list_sizes(client, bucket, version_prefix)]
+    for error in client.remove_objects(bucket, (DeleteObject(key) for key in keys)):
+        name = _s3_uri(bucket, error.name or version_prefix)
+        raise StorageError(f"cannot remove {name}: {error.code} {error.message or ''}".strip())
+
+
+def _list_versions(client: Minio, bucket: str, prefix: str) -> list[str]:
+    folder = _object_key(prefix, VERSIONS_FOLDER) + "/"
+    names = (obj.object_name or "" for obj in client.list_objects(bucket, prefix=folder))
+    return sorted(name[len(folder) :].rstrip("/") for name in names if name.endswith("/"))
+
+
+def _remove_older_versions(
+    client: Minio, settings: S3Settings, bucket: str, prefix: str, current: str
+) -> None:
+    """Remove the version folders of earlier and of interrupted uploads (best effort: the new
+    tree is already in place; a failure only leaves unused objects, and says so). Versions newer
+    than ``current`` belong to an upload still running and are left alone."""
+    tree = _s3_uri(bucket, prefix)
     try:
-        client.fput_object(bucket, marker_key, out.name, content_type="application/json")
-    finally:
-        os.unlink(out.name)
+        with _storage_errors(f"removing earlier versions of {tree}", settings, bucket):
+            for version in _list_versions(client, bucket, prefix):
+                if version < current:
+                    _remove_version(client, bucket, prefix, version)
+    except StorageError as exc:
+        _warn(f"{tree} was written, but its earlier versions are left over: {exc}")
 
 
 def tree_is_complete(uri_or_path: str | os.PathLike, *, settings: S3Settings | None = None) -> bool:
-    """True when a complete tree is at ``uri_or_path``: an S3 prefix with its ``_SUCCESS``
-    marker, or a local folder (local trees are published by one rename, so any is complete)."""
+    """True when a complete tree is at ``uri_or_path``: an S3 prefix whose ``_SUCCESS`` marker is
+    valid and whose every listed object is there with its size, or a non-empty local folder
+    (local trees are published by one rename, so any is complete)."""
     if not is_s3_uri(uri_or_path):
         folder = Path(uri_or_path)
         return folder.is_dir() and any(folder.iterdir())
     bucket, prefix = parse_s3_uri(str(uri_or_path))
     settings, client = _connect(settings)
-    marker_key = _object_key(prefix, SUCCESS_MARKER)
-    with _storage_errors(f"checking {uri_or_path}", settings, bucket, marker_key):
+    with _storage_errors(f"checking {uri_or_path}", settings, bucket):
         try:
-            client.stat_object(bucket, marker_key)
+            return _complete_marker(client, bucket, prefix) is not None
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+            if exc.code == "NoSuchBucket":
                 return False
             raise
-    return True
 
 
 def download_tree(
@@ -528,89 +761,136 @@ def download_tree(
     local_dir: str | os.PathLike,
     *,
     settings: S3Settings | None = None,
+    allow_unmarked: bool = False,
 ) -> Path:
     """Return a local folder holding the tree at ``uri_or_path``.
 
-    A local folder is returned as it is. For an ``s3://`` prefix every object below it is
-    downloaded into ``local_dir`` keeping relative paths (the folder appears only once complete);
-    when a ``_SUCCESS`` marker exists every file it lists must arrive with the listed size.
+    A local folder is returned as it is. An ``s3://`` prefix is downloaded into ``local_dir``
+    (which appears only once complete): the files its ``_SUCCESS`` marker lists, each checked
+    against its size and SHA-256. A prefix without a marker is refused, unless
+    ``allow_unmarked`` (trees that other tools write: datasets copied with ``aws s3 cp``, KFP's
+    own artifacts); then every object is read, with a warning that nothing shows the tree is
+    complete. Objects of an unfinished dfu-kfp upload are always refused.
     """
     if not is_s3_uri(uri_or_path):
         return _require_local_dir(uri_or_path)
-    uri = str(uri_or_path)
+    destination = Path(local_dir)
+    with _local_staging_dir(destination) as staging:
+        _fill_from_s3(str(uri_or_path), staging, settings, allow_unmarked)
+        _publish_dir(staging, destination)
+    return destination
+
+
+class _TreeReplaced(Exception):
+    """A listed object vanished because a newer upload replaced the tree meanwhile."""
+
+
+def _fill_from_s3(
+    uri: str, staging: Path, settings: S3Settings | None, allow_unmarked: bool
+) -> None:
     bucket, prefix = parse_s3_uri(uri)
     settings, client = _connect(settings)
     with _storage_errors(f"downloading {uri}", settings, bucket):
-        relatives = _list_relative_keys(client, bucket, prefix)
-        if not relatives:
-            raise StorageError(f"no objects under {_s3_uri(bucket, prefix)}; check the URI")
-        with _atomic_local_dir(local_dir) as staging:
-            for relative in relatives:
-                key = _object_key(prefix, relative)
-                target = staging / _safe_relative(relative, _s3_uri(bucket, key))
-                _download_object(client, bucket, key, target)
-            marker = staging / SUCCESS_MARKER
-            if marker.is_file():
-                _check_against_marker(staging, marker, _s3_uri(bucket, prefix))
-                marker.unlink()
-    return Path(local_dir)
+        for _ in range(REPLACED_RETRIES):
+            marker = _read_marker(client, bucket, prefix)
+            if marker is None:
+                _fill_unmarked(client, bucket, prefix, staging, allow_unmarked)
+                return
+            try:
+                _fill_marked(client, bucket, prefix, marker, staging)
+                return
+            except _TreeReplaced:
+                _empty_dir(staging)
+    raise StorageError(
+        f"{_s3_uri(bucket, prefix)} was replaced {REPLACED_RETRIES} times while it was being "
+        "downloaded; try again once the uploads to it have finished"
+    )
 
 
-def _list_relative_keys(client: Minio, bucket: str, prefix: str) -> list[str]:
-    """List object keys below ``prefix`` relative to it, skipping folder placeholder objects."""
-    # The trailing slash keeps s3://b/data from also matching s3://b/data2/...
-    list_prefix = f"{prefix}/" if prefix else None
-    relatives = []
-    for obj in client.list_objects(bucket, prefix=list_prefix, recursive=True):
-        name = obj.object_name or ""
-        if name.endswith("/"):
-            continue
-        relatives.append(name[len(list_prefix or "") :])
-    return relatives
-
-
-def _check_against_marker(folder: Path, marker: Path, uri: str) -> None:
-    """Raise StorageError unless every file the marker lists is in ``folder`` with its size."""
-    try:
-        listed = json.loads(marker.read_text())["files"]
-        expected = {str(relative): int(size) for relative, size in listed.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StorageError(f"the {SUCCESS_MARKER} marker under {uri} is malformed: {exc}") from exc
-    for relative, size in sorted(expected.items()):
-        path = folder / relative
-        if not path.is_file():
+def _fill_marked(
+    client: Minio, bucket: str, prefix: str, marker: TreeMarker, staging: Path
+) -> None:
+    """Download the files a marker lists into ``staging``, checking each one's size and digest."""
+    tree = _s3_uri(bucket, prefix)
+    version_prefix = _version_prefix(prefix, marker.version)
+    for relative, expected in sorted(marker.files.items()):
+        key = _object_key(version_prefix, relative)
+        target = staging / _safe_relative(relative, _s3_uri(bucket, key))
+        try:
+            arrived = _download_object(client, bucket, key, target)
+        except S3Error as exc:
+            if not _is_missing(exc):
+                raise
+            if _read_marker(client, bucket, prefix) != marker:
+                raise _TreeReplaced() from exc
             raise StorageError(
-                f"incomplete tree under {uri}: {relative} is listed in {SUCCESS_MARKER} but "
-                "missing; upload the tree again"
-            )
-        actual = path.stat().st_size
-        if actual != size:
+                f"incomplete tree under {tree}: {relative} is listed in {SUCCESS_MARKER} but "
+                f"its object {_s3_uri(bucket, key)} is missing; upload the tree again"
+            ) from exc
+        if arrived != expected:
             raise StorageError(
-                f"incomplete tree under {uri}: {relative} has {actual} bytes but "
-                f"{SUCCESS_MARKER} lists {size}; upload the tree again"
+                f"damaged tree under {tree}: {relative} arrived with {arrived.describe()} but "
+                f"{SUCCESS_MARKER} lists {expected.describe()}; upload the tree again"
             )
+
+
+def _fill_unmarked(
+    client: Minio, bucket: str, prefix: str, staging: Path, allow_unmarked: bool
+) -> None:
+    """Download a tree that has no marker, where that is allowed (see ``download_tree``)."""
+    tree = _s3_uri(bucket, prefix)
+    sizes = _list_sizes(client, bucket, prefix)
+    if not sizes:
+        raise StorageError(f"no objects under {tree}; check the URI")
+    if any(relative.split("/")[0] == VERSIONS_FOLDER for relative in sizes):
+        raise StorageError(
+            f"{tree} holds an unfinished upload: objects under {VERSIONS_FOLDER}/ but no "
+            f"{SUCCESS_MARKER} marker (the upload was interrupted, or is still running). Upload "
+            f"it again (dfu-kfp upload DIR {tree}) or wait for it to finish"
+        )
+    if not allow_unmarked:
+        raise StorageError(
+            f"{tree} has no {SUCCESS_MARKER} marker, so nothing shows that it is complete; "
+            f"write it with dfu-kfp (dfu-kfp upload DIR {tree})"
+        )
+    _warn(
+        f"{tree} has no {SUCCESS_MARKER} marker (it was not written by dfu-kfp: copied with "
+        "another tool, or a KFP artifact), so nothing shows that it is complete; reading its "
+        f"{len(sizes)} object{'s' * (len(sizes) != 1)} as they are. Upload datasets with "
+        f"`dfu-kfp upload DIR {tree}` to have them verified."
+    )
+    for relative in sorted(sizes):
+        key = _object_key(prefix, relative)
+        _download_object(
+            client, bucket, key, staging / _safe_relative(relative, _s3_uri(bucket, key))
+        )
 
 
 def copy_tree(
-    src: str | os.PathLike, dst: str | os.PathLike, *, settings: S3Settings | None = None
-) -> None:
-    """Copy a tree between any two locations, local or ``s3://``.
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    settings: S3Settings | None = None,
+    if_absent: bool = False,
+) -> bool:
+    """Copy a tree between any two locations, local or ``s3://``; True when written.
 
-    Local destinations are written into a temporary folder beside ``dst`` and then moved into
-    place; S3 destinations get a ``_SUCCESS`` marker (see ``upload_tree``). S3 to S3 passes
-    through a local temporary folder so the source's marker is checked on the way.
+    S3 destinations are written by ``upload_tree``. Local destinations are filled in a temporary
+    folder beside ``dst`` and then moved into place (one rename when ``dst`` is new). S3 to S3
+    passes through a local temporary folder so that the source is verified on the way. With
+    ``if_absent`` an existing complete destination is left as it is (returns False).
     """
     if is_s3_uri(dst):
         if is_s3_uri(src):
             with tempfile.TemporaryDirectory() as scratch:
                 local = download_tree(src, Path(scratch) / "tree", settings=settings)
-                upload_tree(local, str(dst), settings=settings)
+                return upload_tree(local, str(dst), settings=settings, if_absent=if_absent)
+        return upload_tree(src, str(dst), settings=settings, if_absent=if_absent)
+    destination = Path(dst)
+    source = None if is_s3_uri(src) else _require_local_dir(src)
+    with _local_staging_dir(destination) as staging:
+        if source is None:
+            _fill_from_s3(str(src), staging, settings, allow_unmarked=False)
         else:
-            upload_tree(src, str(dst), settings=settings)
-        return
-    if is_s3_uri(src):
-        download_tree(src, dst, settings=settings)
-        return
-    source = _require_local_dir(src)
-    with _atomic_local_dir(dst) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        return _publish_dir(staging, destination, if_absent)

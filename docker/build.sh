@@ -3,14 +3,17 @@
 # `dfu-kfp compile` reads to pin the pipeline's images ({"cpu": REF, "gpu": REF}).
 #
 #   bash docker/build.sh [--cpu-only] [--base-image IMG] [--gpu-base-image IMG]
-#                        [--ca-bundle FILE] [--push] [--images-json FILE]
+#                        [--no-imagenet-weights] [--ca-bundle FILE] [--push] [--images-json FILE]
 #
 # Engine: docker when `docker info` answers, else podman (override: DFU_CONTAINER_ENGINE=podman).
 # Names: ${DFU_REGISTRY:-localhost}/dfu-kfp-{cpu,gpu}:<dfu_ml.__version__>.
 # --base-image      BASE_IMAGE of the CPU image (e.g. localhost/debian-base:bookworm in CI)
-# --gpu-base-image  BASE_IMAGE of the GPU image (default: the Dockerfile's tensorflow GPU image)
-# --ca-bundle FILE  CA bundle for HTTPS through a TLS-intercepting proxy, given to pip only, as
-#                   the build secret `pip-cert` (never stored in the image)
+# --gpu-base-image  BASE_IMAGE of the GPU image (default: the Dockerfile's, plain Python: torch's
+#                   wheels carry CUDA)
+# --no-imagenet-weights  do not bake Keras's ImageNet weights files into the GPU image (baked by
+#                   default: `backbone_weights: imagenet` finds them there; needs internet here)
+# --ca-bundle FILE  CA bundle for HTTPS through a TLS-intercepting proxy, given to pip and the
+#                   weights download only, as the build secret `pip-cert` (never stored in the image)
 # --push            push, then record the registry's manifest digest
 # --images-json F   where to write the references (default docker/images.json)
 #
@@ -20,18 +23,19 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CPU_ONLY=0 PUSH=0 BASE_IMAGE="" GPU_BASE_IMAGE="" CA_BUNDLE=""
+CPU_ONLY=0 PUSH=0 BASE_IMAGE="" GPU_BASE_IMAGE="" CA_BUNDLE="" IMAGENET_WEIGHTS=1
 IMAGES_JSON="$ROOT/docker/images.json"
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-only) CPU_ONLY=1 ;;
     --push) PUSH=1 ;;
+    --no-imagenet-weights) IMAGENET_WEIGHTS=0 ;;
     --base-image) BASE_IMAGE=${2:?--base-image needs a value}; shift ;;
     --gpu-base-image) GPU_BASE_IMAGE=${2:?--gpu-base-image needs a value}; shift ;;
     --ca-bundle) CA_BUNDLE=${2:?--ca-bundle needs a value}; shift ;;
     --images-json) IMAGES_JSON=${2:?--images-json needs a value}; shift ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -61,6 +65,7 @@ build() {
   local kind=$1 base=$2 image="$REGISTRY/dfu-kfp-$1:$VERSION"
   local args=(build -f "$ROOT/docker/Dockerfile.$kind" -t "$image")
   [ -n "$base" ] && args+=(--build-arg "BASE_IMAGE=$base")
+  if [ "$kind" = gpu ]; then args+=(--build-arg "IMAGENET_WEIGHTS=$IMAGENET_WEIGHTS"); fi
   if [ -n "$CA_BUNDLE" ]; then
     # RUN --mount=type=secret,id=pip-cert in the Dockerfiles; docker needs BuildKit (its default)
     args+=(--secret "id=pip-cert,src=$CA_BUNDLE" --build-arg PIP_CERT=/run/secrets/pip-cert)

@@ -34,12 +34,16 @@ class PipelineRejected(DfuError):
 @dataclass(frozen=True)
 class ExpectedPlacement:
     """Which components must run where: GPU components get the accelerator, node selector and
-    toleration and nothing else does; storage components get the S3 secret as environment."""
+    toleration and nothing else does; storage components get the S3 secret as environment; with
+    ``gpu_pvc``, GPU components mount that claim (the compilation cache) and nothing else mounts
+    any."""
 
     gpu_components: frozenset = frozenset()
     storage_components: frozenset = frozenset()
     gpu_node_selector: dict = field(default_factory=dict)  # empty: any non-empty selector
     secret_name: str = ""
+    run_as_user: int | None = None  # every step runs as this non-root user (None: unchecked)
+    gpu_pvc: str = ""  # empty: no step mounts a claim
 
 
 def _parse(message, data: dict, what: str, problems: list) -> object | None:
@@ -326,6 +330,15 @@ def _check_platform(
                     f"executor {executor} ({component}): a CPU step asks for a GPU, a node "
                     "selector or a toleration"
                 )
+        context = config.security_context
+        if placement.run_as_user is not None and (
+            not context.run_as_non_root or context.run_as_user != placement.run_as_user
+        ):
+            problems.append(
+                f"executor {executor} ({component}): does not run as the images' non-root user "
+                f"{placement.run_as_user} (securityContext runAsUser, runAsNonRoot)"
+            )
+        _check_pvc_mounts(executor, component, gpu, config, placement, problems)
         secrets = {s.secret_name for s in config.secret_as_env}
         if component in placement.storage_components:
             if placement.secret_name not in secrets:
@@ -337,6 +350,19 @@ def _check_platform(
             problems.append(
                 f"executor {executor} ({component}): gets secrets {sorted(secrets)} it does not need"
             )
+
+
+def _check_pvc_mounts(executor, component, gpu, config, placement, problems) -> None:
+    """The compilation cache's claim on exactly the GPU executors, and no other claim anywhere."""
+    claims = sorted(
+        m.constant or m.pvc_name_parameter.runtime_value.constant.string_value or "?"
+        for m in config.pvc_mount
+    )
+    expected = [placement.gpu_pvc] if gpu and placement.gpu_pvc else []
+    if claims != expected:
+        problems.append(
+            f"executor {executor} ({component}): mounts claims {claims}, expected {expected}"
+        )
 
 
 def check_pipeline(

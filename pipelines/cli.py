@@ -1,4 +1,4 @@
-"""The ``dfu-kfp`` command: synth, run, compile, predict.
+"""The ``dfu-kfp`` command: synth, run, compile, check, predict, upload.
 
 Every expected error is one ``error:`` line on standard error (exit 2) that names the file, row,
 column or key at fault. An unexpected exception is one line too, pointing at the log file that
@@ -84,6 +84,13 @@ def _compile(args) -> None:
     )
 
 
+def _upload(args) -> None:
+    from dfu_ml.storage import upload_tree
+
+    upload_tree(args.folder, args.destination)
+    print(f"uploaded {args.folder} to {args.destination} (complete: readers verify every file)")
+
+
 def _predict(args) -> None:
     import json
 
@@ -92,7 +99,7 @@ def _predict(args) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the CSV file to write")
-    table, metrics = predict_folder(args.model, args.data)
+    table, metrics = predict_folder(args.model, args.data, args.expect_digest)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.partial")
     table.to_csv(temp, index=False)
@@ -226,7 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", required=True, type=Path, help="a final_model bundle folder")
     pred.add_argument("--data", required=True, type=Path, help="dataset folder")
     pred.add_argument("--out", required=True, type=Path, help="predictions CSV")
+    pred.add_argument(
+        "--expect-digest",
+        default="",
+        metavar="SHA256",
+        help="refuse a bundle whose digest is not this one (publish prints it; KFP records it "
+        "as the final_model artifact's bundle_digest)",
+    )
     pred.set_defaults(func=_predict)
+
+    upload = sub.add_parser(
+        "upload",
+        help="upload a dataset folder to s3:// so that readers see all of it or none of it",
+        description="Upload a folder to s3://bucket/prefix (DFU_S3_* variables) with a "
+        "completion marker that lists every file's size and SHA-256: readers verify it, and an "
+        "interrupted upload, or one still running, is never read; replacing a dataset there "
+        "switches readers from the old one to the new one at once.",
+    )
+    upload.add_argument("folder", type=Path, help="the dataset folder")
+    upload.add_argument("destination", help="s3://bucket/prefix, e.g. s3://dfu-data/study")
+    upload.set_defaults(func=_upload)
     return parser
 
 

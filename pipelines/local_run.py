@@ -25,6 +25,8 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfu_ml.config import Config
@@ -218,10 +220,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def _publish_results(staging: Path, out: Path) -> None:
-    """Move the staged results into ``out``: files with one rename each, ``final_model`` by
-    renaming the old folder away first (a reader sees the old bundle or the new, never a mix)."""
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == "summary.json"):
+def _publish_results(staging: Path, out: Path, summary_file: str = "summary.json") -> None:
+    """Move the staged results into ``out``: files with one rename each, folders by renaming the
+    old folder away first (a reader sees the old bundle or the new, never a mix)."""
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == summary_file):
         target = out / item.name
         if item.is_dir():
             old = out / f".{item.name}.old-{uuid.uuid4().hex[:8]}"
@@ -230,33 +232,52 @@ def _publish_results(staging: Path, out: Path) -> None:
             os.replace(item, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(item, target)  # summary.json last: it names the other results
+            os.replace(item, target)  # the summary last: it names the other results
 
 
-def run_local(
-    config: Config,
-    data: str | None,
+@dataclass
+class LocalRun:
+    """What a collector needs to gather a finished local run's results (see :func:`execute`)."""
+
+    out: Path
+    run_id: str
+    data: str
+    runtime: RuntimeSettings
+    started: float
+
+
+def execute(
+    build: Callable[[RuntimeSettings], object],
+    collect: Callable[[dict, Path, LocalRun], dict],
     out: Path,
+    data: str | None,
+    *,
+    seed: int = 42,
     synth_patients: int = DEFAULT_SYNTH_PATIENTS,
+    describe: str = "",
+    summary_file: str = "summary.json",
     log=print,
     quiet: bool = True,
     runner: str = "subprocess",
     runtime: RuntimeSettings | None = None,
 ) -> dict:
-    """Run the pipeline locally and collect its results into ``out``; return the summary.
+    """Run a pipeline through kfp.local and move its collected results into ``out``.
+
+    ``build(runtime)`` returns the pipeline function (called with ``data`` and ``models_uri``);
+    ``collect(outputs, staging, run)`` writes the results from the pipeline's returned artifacts
+    into ``staging`` and returns the summary, which this function moves into ``out`` only when
+    the run succeeds (``summary_file`` last). ``OUT/run_status.json`` says whether the last run is
+    running, succeeded or failed; a failed run leaves earlier results as they were and says so.
 
     ``runner="subprocess"`` runs every step in this Python; ``runner="docker"`` runs each in its
     component image through kfp's DockerRunner (DOCKER_HOST may name podman's socket), the CPU
     image of ``runtime.images`` for every step (kfp.local gives containers no GPU).
-    ``runtime.models_uri`` defaults to ``OUT/store/models``.
+    ``runtime.models_uri`` defaults to ``OUT/store/models``. Without ``data``, the embedded
+    synthetic dataset of ``synth_patients`` patients (generated from ``seed``) is used.
     """
     if runner not in ("subprocess", "docker"):
         raise ValueError(f"runner {runner!r}: 'subprocess' or 'docker'")
     from kfp import local
-
-    from dfu_ml.evaluation import format_table
-    from dfu_ml.training.health import format_verdict
-    from pipelines.pipeline import build_pipeline
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +300,7 @@ def run_local(
     start = time.time()
     try:
         if data is None:
-            data = synthetic_dataset(store, config.seed, synth_patients, log)
+            data = synthetic_dataset(store, seed, synth_patients, log)
         pipeline_root = out / "pipeline_root"
         pipeline_root.mkdir(exist_ok=True)
         if runner == "docker":
@@ -290,19 +311,18 @@ def run_local(
         else:
             step_runner = local.SubprocessRunner(use_venv=False)
         local.init(runner=step_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
-        pipeline = build_pipeline(config, runtime, local=True)
-        log(
-            f"running pipeline 'dfu-kfp' locally: data {data}, modalities {config.modalities}, "
-            f"{config.cv_folds} folds, profile {config.profile}"
-        )
+        pipeline = build(runtime)
+        log(f"running pipeline {pipeline.name!r} locally: data {data}{describe}")
         log(f"full step logs: {log_path}")
         outputs = _run_pipeline(pipeline, data, runtime, log_path, quiet, runner)
-        summary = _collect(outputs, out, run_id, data, runtime, start)
+        summary = _gather(
+            collect, outputs, LocalRun(out, run_id, data, runtime, start), summary_file
+        )
     except BaseException as exc:
         status.update(status="failed", finished=_now(), error=str(exc).splitlines()[0][:500])
-        kept = (out / "summary.json").is_file()
+        kept = (out / summary_file).is_file()
         if kept:
-            status["previous_results"] = "kept: summary.json and the results beside it are "
+            status["previous_results"] = f"kept: {summary_file} and the results beside it are "
             status["previous_results"] += "from an earlier run (see its run_id)"
         _write_json_atomic(out / STATUS_FILE, status)
         if kept and isinstance(exc, DfuError):
@@ -312,6 +332,40 @@ def run_local(
         raise
     status.update(status="succeeded", finished=_now())
     _write_json_atomic(out / STATUS_FILE, status)
+    return summary
+
+
+def run_local(
+    config: Config,
+    data: str | None,
+    out: Path,
+    synth_patients: int = DEFAULT_SYNTH_PATIENTS,
+    log=print,
+    quiet: bool = True,
+    runner: str = "subprocess",
+    runtime: RuntimeSettings | None = None,
+) -> dict:
+    """The main job: the training pipeline through kfp.local, its results collected into ``out``
+    (see :func:`execute`); prints the metrics table and the verdict and returns the summary."""
+    from dfu_ml.evaluation import format_table
+    from dfu_ml.training.health import format_verdict
+    from pipelines.pipeline import build_pipeline
+
+    summary = execute(
+        lambda runtime: build_pipeline(config, runtime, local=True),
+        _collect,
+        out,
+        data,
+        seed=config.seed,
+        synth_patients=synth_patients,
+        describe=f", modalities {config.modalities}, {config.cv_folds} folds, profile "
+        f"{config.profile}",
+        log=log,
+        quiet=quiet,
+        runner=runner,
+        runtime=runtime,
+    )
+    out = Path(out).resolve()
     log("")
     log(format_table(summary))
     log(format_verdict(summary["health"]))
@@ -319,6 +373,20 @@ def run_local(
         f"summary: {out / 'summary.json'}  report: {out / 'report.html'}  final model: "
         f"{summary['final_model']}  ({summary['seconds']} s)"
     )
+    return summary
+
+
+def _gather(collect, outputs: dict, run: LocalRun, summary_file: str) -> dict:
+    """Let ``collect`` fill a staging folder, then move it into ``run.out`` (summary last)."""
+    staging = run.out / f".staging-{run.run_id}"
+    staging.mkdir()
+    try:
+        summary = collect(outputs, staging, run)
+        summary["seconds"] = round(time.time() - run.started, 1)
+        (staging / summary_file).write_text(json.dumps(summary, indent=2))
+        _publish_results(staging, run.out, summary_file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
@@ -350,39 +418,30 @@ def _run_pipeline(pipeline, data: str, runtime, log_path: Path, quiet: bool, run
     return task.outputs
 
 
-def _collect(outputs: dict, out: Path, run_id: str, data: str, runtime, start: float) -> dict:
-    """Gather the pipeline's returned artifacts into ``out`` (see :func:`_publish_results`)."""
+def _collect(outputs: dict, staging: Path, run: LocalRun) -> dict:
+    """The main job's results: the summary, the report and its plots, the final model bundle."""
     summary_dir = Path(outputs["summary"].path)
     bundle_dir = Path(outputs["final_model"].path)
     summary = json.loads((summary_dir / "summary.json").read_text())
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    staging = out / f".staging-{run_id}"
-    staging.mkdir()
-    try:
-        shutil.copytree(bundle_dir, staging / "final_model")
-        for name in RESULT_FILES:
-            if (summary_dir / name).is_file():
-                shutil.copyfile(summary_dir / name, staging / name)
-        published = summary["blessed"] and bool(runtime.models_uri)
-        summary.pop("files", None)
-        summary.update(
-            {
-                "run_id": run_id,
-                "final_model": str(out / "final_model"),
-                "model_id": manifest["model_id"],
-                "data": data,
-                "pipeline_run": str(summary_dir.parents[1]),
-                "published_to": (
-                    runtime.models_uri.rstrip("/") + "/" + manifest["model_id"]
-                    if published
-                    else None
-                ),
-                "report": str(out / "report.html"),
-                "seconds": round(time.time() - start, 1),
-            }
-        )
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
-        _publish_results(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(bundle_dir, staging / "final_model")
+    for name in RESULT_FILES:
+        if (summary_dir / name).is_file():
+            shutil.copyfile(summary_dir / name, staging / name)
+    models_uri = run.runtime.models_uri
+    published = summary["blessed"] and bool(models_uri)
+    summary.pop("files", None)
+    summary.update(
+        {
+            "run_id": run.run_id,
+            "final_model": str(run.out / "final_model"),
+            "model_id": manifest["model_id"],
+            "data": run.data,
+            "pipeline_run": str(summary_dir.parents[1]),
+            "published_to": (
+                models_uri.rstrip("/") + "/" + manifest["model_id"] if published else None
+            ),
+            "report": str(run.out / "report.html"),
+        }
+    )
     return summary

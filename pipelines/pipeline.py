@@ -29,6 +29,7 @@ from components.resample_alpha import make_fold_plan
 from components.stage1 import stage1_fusion
 from components.stage2 import stage2_finetune
 from dfu_ml.config import Config
+from dfu_ml.training.compile_cache import cache_environment
 from dfu_ml.training.fold import FINAL_FIT
 from pipelines.acceptance import ExpectedPlacement
 from pipelines.run_parameters import MAIN
@@ -36,6 +37,9 @@ from pipelines.settings import RuntimeSettings
 
 PIPELINE_NAME = "dfu-kfp"
 S3_ENV = {"accesskey": "DFU_S3_ACCESS_KEY", "secretkey": "DFU_S3_SECRET_KEY"}
+# The component images' user (docker/Dockerfile.cpu and .gpu: USER 1000:1000); every step runs
+# as it, non-root, on the cluster.
+IMAGE_USER = 1000
 
 DESCRIPTION = """DFU healing-phase classifier: staged fusion training with patient-grouped
 cross-validation, evaluation, a training-health verdict and publishing of blessed models.
@@ -69,16 +73,39 @@ STORAGE_COMPONENTS = frozenset({"prepare-data", "publish-model"})
 def expected_placement(runtime: RuntimeSettings | None = None) -> ExpectedPlacement:
     runtime = runtime or RuntimeSettings()
     return ExpectedPlacement(
-        GPU_COMPONENTS, STORAGE_COMPONENTS, dict(runtime.gpu_node_selector), runtime.s3_secret_name
+        GPU_COMPONENTS,
+        STORAGE_COMPONENTS,
+        dict(runtime.gpu_node_selector),
+        runtime.s3_secret_name,
+        run_as_user=IMAGE_USER,
+        gpu_pvc=runtime.compile_cache_pvc,
     )
 
 
-class Steps:
-    """The pipeline's components, bound to their images (CPU or GPU)."""
+def _as_image_user(component):
+    """The component, whose every task runs as the images' non-root user. kfp-kubernetes sets
+    only these identity fields; seccomp, capabilities and privilege escalation are the KFP
+    backend's to set, and the root filesystem stays writable (see the README)."""
 
-    def __init__(self, images: dict):
+    def task(**arguments):
+        return kubernetes.set_security_context(
+            component(**arguments),
+            run_as_user=IMAGE_USER,
+            run_as_group=IMAGE_USER,
+            run_as_non_root=True,
+        )
+
+    return task
+
+
+class Steps:
+    """The pipeline's components, bound to their images (CPU or GPU); on a cluster (not
+    ``local``) every task runs as the images' non-root user."""
+
+    def __init__(self, images: dict, local: bool = False):
         def component(func, image):
-            return dsl.component(func, base_image=image, install_kfp_package=False)
+            made = dsl.component(func, base_image=image, install_kfp_package=False)
+            return made if local else _as_image_user(made)
 
         cpu, gpu = images["cpu"], images["gpu"]
         self.resolve = component(MAIN.resolve_function(), cpu)
@@ -115,6 +142,13 @@ class Placement:
             value=toleration.get("value"),
             effect=toleration.get("effect"),
         )
+        if runtime.compile_cache_pvc:
+            # One compilation cache for every GPU step: compiled once, not in each step's process.
+            kubernetes.mount_pvc(
+                task, pvc_name=runtime.compile_cache_pvc, mount_path=runtime.compile_cache_path
+            )
+            for name, value in cache_environment(runtime.compile_cache_path).items():
+                task.set_env_variable(name, value)
         return task
 
     def storage(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -193,7 +227,7 @@ def build_pipeline(config: Config, runtime: RuntimeSettings | None = None, local
     ``local`` leaves out what kfp.local cannot honour (secrets, GPU placement); the DAG is the same.
     """
     runtime = runtime or RuntimeSettings()
-    steps, place = Steps(runtime.images), Placement(runtime, local)
+    steps, place = Steps(runtime.images, local), Placement(runtime, local)
     config_json, version = config.to_json(), code_version()
     image_run = bool(config.image_modalities)
 

@@ -52,6 +52,11 @@ class RuntimeSettings:
     s3_secure: bool = False
     # Default of the `models_uri` run parameter; empty means "publish nothing".
     models_uri: str = ""
+    # A PersistentVolumeClaim the GPU steps mount at compile_cache_path for a persistent
+    # compilation cache shared by every GPU step (dfu_ml/training/compile_cache.py); empty means
+    # none. ReadWriteMany where GPU steps run on several nodes at once.
+    compile_cache_pvc: str = ""
+    compile_cache_path: str = "/var/cache/dfu-kfp/compile"
 
     def replace(self, **changes) -> RuntimeSettings:
         return from_dict({**dataclasses.asdict(self), **changes})

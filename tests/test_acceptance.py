@@ -3,6 +3,7 @@ hand-broken copies, each with one defect a KFP backend rejects or silently mis-r
 rejected with a message that names the defect."""
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -112,6 +113,11 @@ def _secret_lost(_spec, platform):
     ]
 
 
+def _runs_as_root(_spec, platform):
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors["exec-evaluate-folds"]["securityContext"] = {"runAsUser": 0}
+
+
 @pytest.mark.parametrize(
     "damage, expected",
     [
@@ -127,6 +133,10 @@ def _secret_lost(_spec, platform):
         (_old_schema, "schemaVersion '2.0.0'"),
         (_unknown_task_field, "retryPolicyy"),
         (_secret_lost, "does not get the secret 'dfu-kfp-s3'"),
+        (
+            _runs_as_root,
+            "exec-evaluate-folds (evaluate-folds): does not run as the images' non-root",
+        ),
     ],
     ids=lambda v: getattr(v, "__name__", "")[1:] or None,
 )
@@ -142,3 +152,62 @@ def test_run_creation_checks_arguments(compiled):
     assert "run argument 'fold' is not a run parameter" in problems
     assert any("cv_folds='two' is not a NUMBER_INTEGER" in p for p in problems)
     assert "required run parameter 'data' has no value" in problems
+
+
+CACHE_CLAIM = "dfu-compile-cache"
+
+
+@pytest.fixture(scope="module")
+def compiled_with_cache(tmp_path_factory):
+    """The paper variant compiled with a compilation-cache claim, and its expected placement."""
+    from pipelines.settings import RuntimeSettings
+
+    runtime = RuntimeSettings(compile_cache_pvc=CACHE_CLAIM, compile_cache_path="/cache")
+    path = tmp_path_factory.mktemp("cache") / "paper.yaml"
+    return compile_pipeline(load_config("paper"), path, runtime).read_text(), runtime
+
+
+def test_compilation_cache_claim_lands_on_exactly_the_gpu_steps(compiled_with_cache):
+    text, runtime = compiled_with_cache
+    assert check_pipeline(text, expected_placement(runtime), MAIN.kfp_types()) == []
+    spec, platform = yaml.safe_load_all(text)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {name for name, e in executors.items() if e.get("pvcMount")}
+    gpu = {name for name in spec["deploymentSpec"]["executors"] if _is_gpu_executor(name)}
+    assert mounted == gpu and gpu
+    for name in gpu:
+        (mount,) = executors[name]["pvcMount"]
+        assert mount["mountPath"] == "/cache"
+        env = {
+            e["name"]: e["value"]
+            for e in spec["deploymentSpec"]["executors"][name]["container"]["env"]
+        }
+        assert env["JAX_COMPILATION_CACHE_DIR"] == "/cache/jax"
+        assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/cache/")
+    # Without the claim expected, or with it expected but missing, the check says which step.
+    problems = check_pipeline(text, expected_placement(), MAIN.kfp_types())
+    assert any("stage1-fusion" in p and CACHE_CLAIM in p for p in problems), problems
+
+
+def _is_gpu_executor(name: str) -> bool:
+    from pipelines.pipeline import GPU_COMPONENTS
+
+    return re.sub(r"-\d+$", "", name.removeprefix("exec-")) in GPU_COMPONENTS
+
+
+def test_a_compilation_cache_claim_on_a_cpu_step_is_rejected(compiled_with_cache):
+    text, runtime = compiled_with_cache
+
+    def move_claim(_spec, platform):
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        executors["exec-evaluate-folds"] = {
+            "pvcMount": executors["exec-stage2-finetune"].pop("pvcMount")
+        }
+
+    problems = check_pipeline(
+        _broken(text, move_claim), expected_placement(runtime), MAIN.kfp_types()
+    )
+    assert any("exec-evaluate-folds" in p and "mounts claims" in p for p in problems), problems
+    assert any(
+        "exec-stage2-finetune " in p and "expected ['dfu-compile-cache']" in p for p in problems
+    )

@@ -7,6 +7,7 @@ KERAS_BACKEND=torch. The test skips, saying why, where torch is not installed in
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,8 +41,20 @@ SCRIPT = textwrap.dedent("""
     rf_proba, _ = fold_rf(dataset, config, plan)
     quiet = lambda message: None
     pre = run_pretrain(dataset, config, plan, "depth_rgb", work / "encoder", log=quiet)
-    s1 = run_stage1(dataset, config, plan, rf_proba, {"depth_rgb": work / "encoder"}, log=quiet)
+    encoders = {"depth_rgb": work / "encoder"}
+    s1 = run_stage1(dataset, config, plan, rf_proba, encoders, log=quiet)
+    # Cached features vs images, without Dropout: torch's unseeded dropout draws from torch's
+    # global generator, which every DataLoader iterator (the feature pass's predict calls
+    # included) draws from too, so the two paths cannot get the same masks on torch.
+    no_dropout = config.replace(dropout=0.0)
+    s1_cached = run_stage1(dataset, no_dropout, plan, rf_proba, encoders, log=quiet)
+    s1_images = run_stage1(dataset, no_dropout.replace(stage1_cached_features=False), plan,
+                           rf_proba, encoders, log=quiet)
     s2 = run_stage2(dataset, config, plan, rf_proba, s1, log=quiet)
+    bf16 = run_pretrain(dataset, config.replace(mixed_precision="mixed_bfloat16", pretrain_epochs=1),
+                        plan, "depth_rgb", None, log=quiet)
+    bf16_backbone = bf16.model.get_layer(models.encoder_name("depth_rgb")).get_layer(
+        models.backbone_name("depth_rgb"))
     predictions = fold_predictions(dataset, config, plan, rf_proba, s2.val_proba)
     s2.model.save(work / "fusion.keras")
     reloaded = keras.saving.load_model(work / "fusion.keras", compile=False)
@@ -54,6 +67,16 @@ SCRIPT = textwrap.dedent("""
         "kappa_key": KAPPA,
         "predicted_rows": len(predictions["proba"]),
         "proba_row_sums": np.asarray(predictions["proba"]).sum(axis=1).tolist(),
+        "stage1_inputs": [s1_cached.extra["stage1_inputs"], s1_images.extra["stage1_inputs"]],
+        "cached_vs_images_max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(
+            s1_cached.model.get_weights(), s1_images.model.get_weights())),
+        "cached_vs_images_kappa": [s1_cached.history[KAPPA], s1_images.history[KAPPA]],
+        "bf16": {
+            "output": bf16.model.get_layer(models.OUTPUT_LAYER).compute_dtype,
+            "backbone": sorted({l.compute_dtype for l in bf16_backbone.layers if l.weights}),
+            "loss": bf16.history["loss"],
+            "val_rows_scored": bf16.val_rows_scored,
+        },
     }
     print("RESULT " + json.dumps(out))
 """)
@@ -107,3 +130,13 @@ def test_stages_run_on_the_torch_backend(request, tmp_path):
     assert out["reloaded_rf_weight"] == pytest.approx(out["fusion_rf_weight"], rel=1e-6)
     assert out["predicted_rows"] == out["val_rows"]
     assert all(abs(s - 1) < 1e-4 for s in out["proba_row_sums"])
+    # Stage 1 on cached backbone features trains the model Stage 1 on images trains, on torch too
+    # (the training arrays are torch tensors there: batches are cut on the device).
+    assert out["stage1_inputs"] == ["cached_backbone_features", "images"]
+    assert out["cached_vs_images_max_weight_diff"] < 1e-4
+    assert out["cached_vs_images_kappa"][0] == pytest.approx(out["cached_vs_images_kappa"][1])
+    # Mixed precision: bfloat16 compute, float32 probabilities, a finite loss. torch.compile
+    # (jit_compile=compiled) is not run here: on CPU it took about 3 minutes for Stage 1's head.
+    assert out["bf16"]["output"] == "float32" and out["bf16"]["backbone"] == ["bfloat16"]
+    assert all(math.isfinite(v) for v in out["bf16"]["loss"])
+    assert out["bf16"]["val_rows_scored"] == out["val_rows"]

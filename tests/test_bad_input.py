@@ -115,6 +115,38 @@ def test_text_in_a_numeric_column_names_line_and_column(data):
     assert "line 2" in _message(info) and repr(schema.WOUND_TEMP) in _message(info)
 
 
+@pytest.mark.parametrize("column", [schema.LABEL_COLUMN, schema.PATIENT_COLUMN])
+def test_a_duplicated_header_names_the_column_and_both_positions(data, column):
+    path = data / schema.CLINICAL_CSV
+    header, rows = _read(path)
+    i = header.index(column)
+    _write(path, header + [column], [r + [r[i]] for r in rows])
+    with pytest.raises(DataError) as info:
+        read_clinical(path)
+    message = _message(info)
+    assert str(path) in message and "line 1" in message
+    assert f"column {column!r} appears twice (columns {i + 1} and {len(header) + 1})" in message
+
+
+def test_a_duplicated_box_header_is_an_error(data):
+    path = data / schema.DEPTH_BOX_CSV
+    header, rows = _read(path)
+    _write(path, header + ["Xmin"], [r + ["0"] for r in rows], bom=False)
+    with pytest.raises(DataError, match="column 'Xmin' appears twice"):
+        read_boxes(path, "D")
+
+
+def test_an_empty_filename_in_a_box_csv_names_the_line(data):
+    path = data / schema.THERMAL_BOX_CSV
+    header, rows = _read(path)
+    rows[2][header.index("Filename")] = ""
+    _write(path, header, rows, bom=False)
+    with pytest.raises(DataError) as info:
+        read_boxes(path, "T")
+    assert str(path) in _message(info) and "line 4, column 'Filename'" in _message(info)
+    assert "empty" in _message(info)
+
+
 def test_png_renamed_to_csv(data):
     path = data / schema.CLINICAL_CSV
     png = next((data / schema.MODALITY_FOLDERS["depth_rgb"]).glob("*.png"))

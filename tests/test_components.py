@@ -149,27 +149,33 @@ def test_the_steps_chain_on_tiny_inputs_through_their_clis(tiny):
         )
         == 0
     )
-    assert (
-        _run(
-            "stage2",
-            "--prepared",
-            root / "prepared",
-            "--fold-plan",
-            root / "plan",
-            "--rf",
-            root / "rf",
-            "--stage1",
-            root / "s1",
-            "--out",
-            root / "s2",
-            "--config",
-            config,
+    # Stage 2 twice from the same Stage 1 artifact, as two pipeline runs would: each step loads
+    # Stage 1's model afresh, and the results must be identical.
+    for out in ("s2", "s2-again"):
+        assert (
+            _run(
+                "stage2",
+                "--prepared",
+                root / "prepared",
+                "--fold-plan",
+                root / "plan",
+                "--rf",
+                root / "rf",
+                "--stage1",
+                root / "s1",
+                "--out",
+                root / out,
+                "--config",
+                config,
+            )
+            == 0
         )
-        == 0
-    )
     result = json.loads((root / "s2" / "fold_result.json").read_text())
+    again = json.loads((root / "s2-again" / "fold_result.json").read_text())
     assert result["stage2"]["weights_from"] in ("stage1", "stage2")
     assert len(result["labels"]) == len(plan["val_rows"])
+    assert result["stage2"]["history"] == again["stage2"]["history"]
+    assert result["proba"] == again["proba"] and result["metrics"] == again["metrics"]
 
     assert (
         _run("evaluate", "--fold-result", root / "s2", "--out", root / "eval", "--config", config)

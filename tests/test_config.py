@@ -68,6 +68,15 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
         ("backbone=ResNet", "backbone"),
         ("data_percentage=0", "data_percentage"),
         ("on_missing_image=ignore", "on_missing_image"),
+        ("seed=-1", "seed"),
+        ("dropout=5", "dropout"),
+        ("dropout=1", "dropout"),
+        ("focal_gamma=-1", "focal_gamma"),
+        ("crop_margins={depth_map: -500}", "crop_margins"),
+        ("crop_margins={depth_map: abc}", "crop_margins"),
+        ("crop_margins=abc", "crop_margins"),
+        ("health_min_loss_drop=1", "health_min_loss_drop"),
+        ("health_min_steps_per_epoch=0", "health_min_steps_per_epoch"),
     ],
 )
 def test_out_of_range_or_choice_names_the_key(override, key):
@@ -151,6 +160,11 @@ def test_overrides_apply_over_the_profile():
     assert several.image_modalities == ["depth_rgb"]
 
 
+def test_a_partial_crop_margins_override_keeps_the_other_margins():
+    config = load_config("smoke", ["crop_margins={depth_map: 20}"])
+    assert config.crop_margins == {**Config().crop_margins, "depth_map": 20}
+
+
 def test_override_dict_and_json_round_trip():
     config = load_config("paper", {"seed": 3})
     assert config.seed == 3
@@ -179,7 +193,7 @@ def test_profile_files_only_use_known_keys():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("rf_min_samples_leaf=0", r"'rf_min_samples_leaf' must be in \[1, 1000\], got 0"),
+        ("rf_min_samples_leaf=0", r"'rf_min_samples_leaf' must be in \[1, 1000\] \(.+\), got 0"),
         ("rf_n_estimators=0", r"'rf_n_estimators' must be in \[1, 5000\]"),
         ("rf_max_depth=-1", r"'rf_max_depth' must be in \[0, 1000\]"),
         ("rf_inner_folds=1", r"'rf_inner_folds' must be in \[2, 20\]"),
@@ -200,3 +214,24 @@ def test_a_bad_clinical_key_is_one_error_line_from_the_main_command(capsys, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error:") and "rf_min_samples_leaf" in err[0]
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("mixed_precision=float16", "mixed_precision"),
+        ("jit_compile=xla", "jit_compile"),
+        ("predict_batch_size=0", "predict_batch_size"),
+    ],
+)
+def test_execution_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=repr(key)):
+        load_config(None, [override])
+
+
+def test_gpu_profiles_run_mixed_precision_and_cpu_ones_do_not():
+    for name in ("paper", "paper-scratch"):
+        assert load_config(name).mixed_precision == "mixed_bfloat16"
+    for name in ("smoke", None):
+        assert load_config(name).mixed_precision == "none"
+    assert load_config(None, ["jit_compile=compiled"]).jit_compile == "compiled"

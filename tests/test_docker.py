@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DOCKERFILES = ["Dockerfile.cpu", "Dockerfile.gpu"]
 LOCK = DOCKER / "requirements-cpu.txt"
+GPU_LOCK = DOCKER / "requirements-gpu.txt"
 
 
 def _instructions(name: str) -> list[tuple[str, str]]:
@@ -83,13 +84,44 @@ def test_base_image_defaults():
         return arg.split("=", 1)[1]
 
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base("Dockerfile.cpu"))
-    assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", base("Dockerfile.gpu"))
+    # torch's wheels carry CUDA: the GPU image starts from the same plain Python
+    assert base("Dockerfile.gpu") == base("Dockerfile.cpu")
 
 
-def test_gpu_image_keeps_base_tensorflow():
-    runs = " ".join(a for w, a in _instructions("Dockerfile.gpu") if w == "RUN")
-    assert "--system-site-packages" in runs
+def test_gpu_image_runs_keras_on_torch():
+    """The GPU image sets KERAS_BACKEND=torch (the CPU image keeps TensorFlow), installs the CPU
+    lock without TensorFlow and the pinned torch, and checks the backend at build time."""
+    ins = _instructions("Dockerfile.gpu")
+    env = " ".join(a for w, a in ins if w == "ENV")
+    assert "KERAS_BACKEND=torch" in env
+    assert "KERAS_BACKEND" not in (DOCKER / "Dockerfile.cpu").read_text()
+    runs = " ".join(a for w, a in ins if w == "RUN")
     assert "tensorflow(-cpu)?==" in runs  # filtered out of the lock file
+    assert "requirements-gpu.txt" in runs and "pip check" in runs
+    assert 'keras.backend.backend() == "torch"' in runs
+
+
+def test_gpu_lock_pins_torch_like_ci():
+    reqs = [ln.strip() for ln in GPU_LOCK.read_text().splitlines() if ln.strip()]
+    pins = dict(r.split("==") for r in reqs if not r.startswith("#"))
+    assert all(re.fullmatch(r"[\w.+-]+", v) for v in pins.values()), pins
+    ci_torch = re.search(r"torch==([\w.+-]+)", (ROOT / ".ci" / "run").read_text()).group(1)
+    assert pins["torch"] == ci_torch
+    cpu = {ln.split("==")[0] for ln in LOCK.read_text().splitlines() if "==" in ln}
+    assert not set(pins) & cpu, "a package pinned in both lock files"
+
+
+def test_gpu_image_bakes_imagenet_weights_by_default():
+    ins = _instructions("Dockerfile.gpu")
+    assert ("ARG", "IMAGENET_WEIGHTS=1") in ins
+    runs = [a for w, a in ins if w == "RUN"]
+    (bake,) = [r for r in runs if "dfu_ml.training.imagenet" in r]
+    assert '"${IMAGENET_WEIGHTS}" = 1' in bake
+    # before the runtime user's chown of its HOME, where $KERAS_HOME/models is
+    assert runs.index(bake) < [i for i, r in enumerate(runs) if "useradd" in r][0]
+    assert "KERAS_HOME=/home/dfu/.keras" in " ".join(a for w, a in ins if w == "ENV")
+    build = (DOCKER / "build.sh").read_text()
+    assert "--no-imagenet-weights" in build and "IMAGENET_WEIGHTS=$IMAGENET_WEIGHTS" in build
 
 
 def test_lock_file_pins_every_line():
@@ -175,5 +207,5 @@ def test_build_script_help():
         ["bash", str(DOCKER / "build.sh"), "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0
-    for option in ("--cpu-only", "--base-image", "--ca-bundle", "--push"):
+    for option in ("--cpu-only", "--base-image", "--ca-bundle", "--push", "--no-imagenet-weights"):
         assert option in result.stdout

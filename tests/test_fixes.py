@@ -31,23 +31,22 @@ def failed_checks(verdict):
     return {c["check"] for c in verdict["checks"] if not c["passed"]}
 
 
-def test_fixed_defaults_pass_every_health_check_in_every_fold(prepared_synthetic, tmp_path):
-    config = smoke_config(MODALITIES, "cv_folds=3")
+# Several seeds, each on another fold, so that the fixed defaults are shown to hold in general,
+# not on one lucky draw; seed 42's fold 2 is the one whose Stage 1 peaked at epoch 1 on an AMD EPYC.
+SEED_FOLDS = [(0, 0), (1, 1), (2, 2), (3, 0), (42, 2)]
+
+
+@pytest.mark.parametrize("seed, fold", SEED_FOLDS)
+def test_fixed_defaults_pass_every_health_check(prepared_synthetic, tmp_path, seed, fold):
+    config = smoke_config(MODALITIES, "cv_folds=3", f"seed={seed}")
     assert config.pretrain_alpha == "equal" and config.clip_batch_size
     assert config.fusion_learnable and config.stage2_lr > 1e-6
-    folds = [
-        run_fold(prepared_synthetic, config, k, tmp_path, log=quiet) for k in range(config.cv_folds)
-    ]
-    for fold in folds:
-        kappa = fold["metrics"]["per_row"]["quadratic_kappa"]
-        verdict = health_verdict([fold], config, kappa)
-        assert verdict["passed"], f"fold {fold['fold']}:\n{format_verdict(verdict)}"
-    summary = summarize_folds(folds, config)
+    result = run_fold(prepared_synthetic, config, fold, tmp_path, log=quiet)
+    summary = summarize_folds([result], config)
     verdict = summary["health"]
-    assert verdict["passed"], format_verdict(verdict)
+    assert verdict["passed"], f"seed {seed}, fold {fold}:\n{format_verdict(verdict)}"
     assert summary["blessed"]
-    checks = {c["check"] for c in verdict["checks"]}
-    assert {
+    assert {c["check"] for c in verdict["checks"]} == {
         "pretraining_kappa_positive",
         "stage1_best_epoch_after_1",
         "stage2_improves_or_stage1_kept",
@@ -57,12 +56,12 @@ def test_fixed_defaults_pass_every_health_check_in_every_fold(prepared_synthetic
         "steps_per_epoch_minimum",
         "final_kappa_above_threshold",
         "predictions_cover_several_classes",
-    } == checks
-    # The figures behind the checks, from the folds themselves.
-    for fold in folds:
-        assert fold["stage1"]["steps_per_epoch"] >= 3
-        assert fold["stage2"]["fusion_rf_weight"] != pytest.approx(0.7, abs=1e-4)
-        assert all(p["best_val_kappa"] > 0 for p in fold["pretrain"].values())
+    }
+    # The figures behind the checks, from the fold itself, with a margin.
+    assert result["stage1"]["steps_per_epoch"] >= 3
+    assert result["stage2"]["fusion_rf_weight"] != pytest.approx(0.7, abs=1e-4)
+    assert all(p["best_val_kappa"] > 0.1 for p in result["pretrain"].values())
+    assert result["metrics"]["per_row"]["quadratic_kappa"] > config.health_min_kappa + 0.2
 
 
 def test_pre_fix_settings_fail_and_are_flagged(prepared_synthetic, tmp_path):

@@ -109,6 +109,97 @@ def test_a_failing_run_is_one_error_line_and_previous_results_stay_marked(tmp_pa
     assert "dfu_ml.errors.DataError" in (out / "logs" / "pipeline.log").read_text()
 
 
+def _duplicate_patient_header(folder):
+    from dfu_ml.data.schema import CLINICAL_CSV
+
+    path = folder / CLINICAL_CSV
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = [lines[0] + ',"Patient#"'] + [line + ",1" for line in lines[1:]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+
+
+def _empty_box_filename(folder):
+    from dfu_ml.data.schema import DEPTH_BOX_CSV
+
+    path = folder / DEPTH_BOX_CSV
+    lines = path.read_text().splitlines()
+    lines[2] = "," + lines[2].split(",", 1)[1]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _corrupt_first_depth_image(folder):
+    from dfu_ml.data.schema import MODALITY_FOLDERS
+
+    next(iter(sorted((folder / MODALITY_FOLDERS["depth_rgb"]).glob("*.png")))).write_bytes(b"x")
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    data = tmp_path_factory.mktemp("small") / "data"
+    generate_synthetic_dataset(data, patients=6, seed=2, image_scale=0.05)
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spoil, modalities, message",
+    [
+        (_duplicate_patient_header, "metadata", "column 'Patient#' appears twice"),
+        (_empty_box_filename, "metadata,depth_rgb", "line 3, column 'Filename': the cell is empty"),
+        (_corrupt_first_depth_image, "metadata,depth_rgb", "is corrupt or not a PNG"),
+    ],
+    ids=["duplicate header", "empty box filename", "corrupt png"],
+)
+def test_bad_data_through_the_main_command_is_one_error_line(
+    small_dataset, tmp_path, capfd, spoil, modalities, message
+):
+    import shutil
+
+    from pipelines.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    spoil(data)
+    out = tmp_path / "out"
+    code = main(
+        ["run", "--data", str(data), "--out", str(out), "--set", f"modalities={modalities}"]
+    )
+    captured = capfd.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1, captured.err
+    assert errors[0].startswith("error: step 'prepare-data' failed: ") and message in errors[0]
+    assert "Traceback" not in captured.out + captured.err
+    assert not (out / "summary.json").exists()
+    assert json.loads((out / "run_status.json").read_text())["status"] == "failed"
+
+
+def test_unreachable_object_storage_through_the_main_command(tmp_path, capfd, monkeypatch):
+    import socket
+
+    from pipelines.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{sock.getsockname()[1]}"
+    for name, value in {
+        "DFU_S3_ENDPOINT": endpoint,
+        "DFU_S3_ACCESS_KEY": "someone",
+        "DFU_S3_SECRET_KEY": "a-long-secret-key",
+        "DFU_S3_SECURE": "false",
+    }.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    code = main(
+        ["run", "--data", "s3://dfu-data/study", "--out", str(out), "--set", "modalities=metadata"]
+    )
+    captured = capfd.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1, captured.err
+    assert "cannot reach the S3 endpoint" in errors[0] and endpoint in errors[0]
+    assert "a-long-secret-key" not in captured.out + captured.err
+    assert "a-long-secret-key" not in (out / "logs" / "pipeline.log").read_text()
+
+
 def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_log(tmp_path, capsys, monkeypatch):
     import dfu_ml.predict
     from pipelines.cli import main

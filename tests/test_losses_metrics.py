@@ -185,8 +185,12 @@ def test_validation_kappa_is_over_the_whole_validation_set():
     )
     assert callback.rows_scored == n_val
     assert len(checker.records) == 4
+    # The model ran on the validation rows padded to equal batches (FixedBatches: less than one
+    # batch of padding, dropped): every row was scored exactly once.
+    padded = n_val + callback.rows.padding
+    assert callback.rows.padding < batch and padded % callback.rows.batch == 0
     for r in checker.records:
-        assert r["scored"] == n_val  # every validation row scored exactly once
+        assert r["scored"] == padded
         assert r["logged"] == pytest.approx(r["expected"], abs=1e-12)
         assert r["logged_accuracy"] == pytest.approx(r["accuracy"])
     assert history.history[KAPPA] == pytest.approx([r["expected"] for r in checker.records])
@@ -199,5 +203,7 @@ def test_predict_all_scores_every_row_once():
     x = {"x": np.random.default_rng(0).normal(size=(37, 4)).astype("float32")}
     proba = predict_all(model, x, batch_size=8)
     assert proba.shape == (37, 3)
-    assert float(ops.convert_to_numpy(model.get_layer("counter").seen)) == 37
+    # 37 rows in 5 batches of 8: 3 repeated rows of padding went through, and were dropped.
+    assert float(ops.convert_to_numpy(model.get_layer("counter").seen)) == 40
+    np.testing.assert_allclose(proba, model.predict(x, batch_size=37, verbose=0), rtol=1e-5)
     assert predict_all(model, {"x": np.zeros((0, 4), "float32")}, 8).shape == (0, 3)

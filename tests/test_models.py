@@ -2,12 +2,15 @@
 application backbones, parameter counting and Stage 2 unfreezing."""
 
 import math
+import re
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from keras import layers, ops
 
+from dfu_ml.errors import ConfigError
 from dfu_ml.training import models
 from dfu_ml.training.models import (
     FUSION_LAYER,
@@ -218,8 +221,100 @@ def test_backbone_weights_from_a_local_file(tmp_path, backbone):
 
 
 def test_backbone_weights_file_missing():
-    with pytest.raises(FileNotFoundError, match="backbone_weights"):
+    with pytest.raises(ConfigError, match="backbone_weights file not found: /nonexistent/w"):
         build_backbone(EncoderSpec(SIZE, "small_cnn", "/nonexistent/w.weights.h5"), "b")
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".h5"])
+def test_backbone_weights_of_another_model_fail_loudly(tmp_path, suffix):
+    """A file of another backbone is an error naming the file and the expected backbone (it was
+    loaded with skip_mismatch=True, which left every mismatching layer random without a word)."""
+    keras.utils.set_random_seed(1)
+    other = build_backbone(EncoderSpec(SIZE, "small_cnn"), "other")
+    path = tmp_path / f"small_cnn{suffix}"
+    save_weights(other, path)
+    with pytest.raises(ConfigError, match=rf"{path}.*MobileNetV3Small"):
+        build_backbone(EncoderSpec(SIZE, "MobileNetV3Small", str(path)), "depth_rgb_backbone")
+
+
+def save_weights(model, path):
+    """``model``'s weights in Keras's ``.weights.h5`` format or, for another ``.h5`` name, in the
+    legacy layout of Keras's ImageNet files (per layer, trainable then non-trainable weights, in
+    layer order), which ``load_weights`` reads by layer order."""
+    import h5py
+
+    path = Path(path)
+    if path.name.endswith(".weights.h5"):
+        model.save_weights(path)
+        return
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        for layer in model.layers:
+            group = f.create_group(layer.name)
+            weights = layer.trainable_weights + layer.non_trainable_weights
+            names = [f"{layer.name}/{w.name}_{i}".encode() for i, w in enumerate(weights)]
+            group.attrs["weight_names"] = names
+            for name, w in zip(names, weights):
+                group.create_dataset(name.decode(), data=ops.convert_to_numpy(w))
+
+
+def test_imagenet_weights_come_from_keras_home(tmp_path, monkeypatch):
+    """``backbone_weights: imagenet`` loads Keras's file of that name under $KERAS_HOME/models
+    (where docker/build.sh bakes the real ones into the GPU image); here a file saved from a
+    ``weights=None`` backbone stands in for it."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    expected = tmp_path / "keras" / "models" / models.IMAGENET_FILES["MobileNetV3Small"]
+    with pytest.raises(ConfigError, match=re.escape(str(expected))):
+        build_backbone(EncoderSpec(SIZE, "MobileNetV3Small", "imagenet"), "depth_rgb_backbone")
+    keras.utils.set_random_seed(1)
+    source = build_backbone(EncoderSpec(SIZE, "MobileNetV3Small"), "source")
+    expected.parent.mkdir(parents=True)
+    save_weights(source, expected)
+    keras.utils.set_random_seed(2)
+    loaded = build_backbone(EncoderSpec(SIZE, "MobileNetV3Small", "imagenet"), "depth_rgb_backbone")
+    assert weights_equal(source.get_weights(), loaded.get_weights())
+    with pytest.raises(ConfigError, match="no ImageNet weights for backbone 'small_cnn'"):
+        build_backbone(EncoderSpec(SIZE, "small_cnn", "imagenet"), "b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", sorted(models.IMAGENET_FILES))
+def test_imagenet_file_names_are_the_ones_keras_asks_for(backbone, monkeypatch):
+    """The table of file names is Keras's own: the application asks get_file for exactly it."""
+    from keras.src.utils import file_utils
+
+    asked = []
+
+    def no_download(fname, *args, **kwargs):
+        asked.append(fname)
+        raise RuntimeError("no download in tests")
+
+    monkeypatch.setattr(file_utils, "get_file", no_download)
+    module, name = models.APPLICATIONS[backbone].rpartition(".")[::2]
+    factory = getattr(getattr(keras.applications, module) if module else keras.applications, name)
+    with pytest.raises(RuntimeError, match="no download"):
+        factory(include_top=False, pooling="avg", input_shape=(SIZE, SIZE, 3), weights="imagenet")
+    assert asked == [models.IMAGENET_FILES[backbone]]
+
+
+def test_probability_layers_stay_float32_under_mixed_precision():
+    keras.utils.set_random_seed(0)
+    with models.precision("mixed_bfloat16"):
+        fusion = tiny_fusion(["depth_rgb", "thermal_map"])
+        image_model = build_image_model(
+            build_image_encoder("depth_rgb", EncoderSpec(SIZE, feature_dim=8)), "depth_rgb"
+        )
+    assert keras.config.dtype_policy().name == "float32"  # restored
+    for layer in (fusion.get_layer(IMAGE_CLASSIFIER), fusion.get_layer(FUSION_LAYER)):
+        assert layer.compute_dtype == "float32"
+    assert image_model.get_layer(OUTPUT_LAYER).compute_dtype == "float32"
+    assert fusion.get_layer("image_projection").compute_dtype == "bfloat16"
+    backbone = fusion.get_layer(encoder_name("depth_rgb")).get_layer(backbone_name("depth_rgb"))
+    assert {l.compute_dtype for l in backbone.layers if l.weights} == {"bfloat16"}
+    assert all(w.dtype == "float32" for w in fusion.weights)  # variables stay float32
+    out = np.asarray(fusion.predict(inputs_for(["depth_rgb", "thermal_map"], 4), verbose=0))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ encoder artifact

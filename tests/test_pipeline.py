@@ -248,8 +248,9 @@ def test_local_pipeline_end_to_end_through_s3_then_predict_on_held_back_patients
     assert written["final_fit_epochs"]["stage1"] >= 1
     published = _list_objects("s3://dfu-models/runs/")
     if summary["blessed"]:
-        assert f"runs/{summary['model_id']}/model.keras" in published
         assert f"runs/{summary['model_id']}/_SUCCESS" in published
+        versions = f"runs/{summary['model_id']}/_versions/"
+        assert any(k.startswith(versions) and k.endswith("/model.keras") for k in published)
     else:
         assert published == []
 

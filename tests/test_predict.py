@@ -3,6 +3,7 @@ the same visits, the fitted feature pipeline inside the bundle, and a warning fo
 category value."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -76,7 +77,14 @@ def test_the_bundle_holds_one_fitted_feature_pipeline(fold_bundle):
     names = {p.name for p in (root / "bundle").iterdir()}
     assert CLINICAL_MODEL_FILE in names
     assert not names & {"forest.joblib", "transformer.json"}
-    model = load_bundle(root / "bundle").clinical_model
+    bundle = load_bundle(root / "bundle")  # verifies every file against the manifest first
+    # The pickled pipeline is one of the files the manifest pins with its SHA-256.
+    entry = bundle.manifest["files"][CLINICAL_MODEL_FILE]
+    assert (
+        entry["sha256"]
+        == hashlib.sha256((root / "bundle" / CLINICAL_MODEL_FILE).read_bytes()).hexdigest()
+    )
+    model = bundle.clinical_model
     features = model.pipeline.named_steps["features"]
     assert features.named_steps["encode"].transformers_  # fitted
     assert "Dressing Grouped" not in model.columns_used and schema.WOUND_TEMP in model.columns_used

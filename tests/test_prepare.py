@@ -23,6 +23,7 @@ from dfu_ml.data.prepare import (
     REPORT_JSON,
     REPORT_MD,
     crop_resize_pad,
+    decode_image,
     load_prepared,
     prepare_dataset,
     save_prepared,
@@ -402,6 +403,15 @@ def test_on_missing_image_skip_counts_and_flags(synth_copy):
     assert not dataset.images["depth_map"][uses].any()  # left as zeros
 
 
+def test_on_missing_image_skip_refuses_a_modality_with_no_image_at_all(synth_copy):
+    folder = synth_copy / schema.MODALITY_FOLDERS["thermal_map"]
+    for path in folder.glob("*.png"):
+        path.unlink()
+    with pytest.raises(DataError, match="every one is missing") as info:
+        prepare_dataset(synth_copy, image_size=16, on_missing_image="skip")
+    assert str(folder) in str(info.value) and "thermal_map" in str(info.value)
+
+
 def test_on_missing_image_error_names_the_file(synth_copy):
     _, thermal = csv_rows(synth_copy / schema.THERMAL_BOX_CSV)
     name = thermal[-1]["Filename"]
@@ -417,3 +427,72 @@ def test_prepare_only_the_asked_modalities(synth_dir):
     assert set(dataset.images) == {"thermal_map"}
     assert dataset.meta["modalities"] == ["thermal_map"]
     assert "has_depth_rgb" not in dataset.sets
+
+
+# --------------------------------------------------------------------------------------------
+# Every PNG mode a camera writes decodes to 8-bit RGB with the right scaling
+
+
+def _gradient(height=12, width=20):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 12, y * 20, (x + y) * 7], axis=2).astype(np.uint8)
+
+
+def _grey(rgb):
+    return (rgb.astype(int).sum(axis=2) // 3).astype(np.uint8)
+
+
+def _png_modes():
+    """(name, PIL image as a camera would write it, the 8-bit RGB it must decode to)."""
+    rgb = _gradient()
+    grey = _grey(rgb)
+    alpha = np.full(grey.shape, 90, np.uint8)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 50], [30, 60, 250]], np.uint8)
+    index = (np.arange(grey.size).reshape(grey.shape) % len(palette)).astype(np.uint8)
+    paletted = Image.fromarray(index, mode="P")
+    paletted.putpalette(palette.flatten().tolist())
+    bilevel = grey > 128
+    as_rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    odd = np.array([[0, 1000, 65535], [128, 32768, 40000]], np.uint16)  # not multiples of 257
+    return [
+        ("RGB", Image.fromarray(rgb, "RGB"), rgb),
+        ("RGBA", Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb),
+        ("L", Image.fromarray(grey, "L"), as_rgb),
+        ("LA", Image.fromarray(np.dstack([grey, alpha]), "LA"), as_rgb),
+        ("P", paletted, palette[index]),
+        ("1", Image.fromarray(bilevel).convert("1"), np.repeat(bilevel[:, :, None] * 255, 3, 2)),
+        ("I;16", Image.fromarray(grey.astype(np.uint16) * 257), as_rgb),
+        (
+            "I;16 odd values",
+            Image.fromarray(odd),
+            np.repeat(np.rint(odd / 257).astype(np.uint8)[:, :, None], 3, axis=2),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name, image, expected", _png_modes(), ids=lambda v: str(v)[:12])
+def test_every_png_mode_decodes_to_rgb8_with_the_right_scaling(tmp_path, name, image, expected):
+    path = tmp_path / "image.png"
+    image.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode.startswith(name.split()[0])  # the file really has that mode
+    decoded = decode_image(path)
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape
+    np.testing.assert_array_equal(decoded, expected.astype(np.uint8))
+
+
+def test_a_16_bit_depth_dataset_prepares_like_its_8_bit_twin(synth_copy, tmp_path):
+    """Finding: convert("RGB") clipped 16-bit depth images to all white, silently."""
+    folder = synth_copy / schema.MODALITY_FOLDERS["depth_map"]
+    eight_bit = tmp_path / "eight_bit"
+    shutil.copytree(synth_copy, eight_bit)
+    for path in sorted(folder.glob("*.png")):
+        grey = _grey(np.asarray(Image.open(path).convert("RGB")))
+        Image.fromarray(grey, "L").save(
+            eight_bit / schema.MODALITY_FOLDERS["depth_map"] / path.name
+        )
+        Image.fromarray(grey.astype(np.uint16) * 257).save(path)  # the 16-bit twin
+    wide = prepare_dataset(synth_copy, image_size=16, modalities=["depth_map"])
+    narrow = prepare_dataset(eight_bit, image_size=16, modalities=["depth_map"])
+    assert 0 < narrow.images["depth_map"].mean() < 200
+    np.testing.assert_array_equal(wide.images["depth_map"], narrow.images["depth_map"])

@@ -156,3 +156,14 @@ def test_plan_resamples_training_rows_only(prepared_synthetic, strategy):
             assert resampled == [sorted(counts)[1]] * 3
     again = plan_fold(prepared_synthetic, config, 0)
     assert again == plan_fold(prepared_synthetic, config, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_every_fold_and_the_final_fit_resample_for_any_seed(prepared_synthetic, seed):
+    """The final fit is fold -1: a resampling seed of ``seed + fold`` was -1 for seed 0."""
+    config = load_config("smoke", ["modalities=metadata,depth_rgb", f"seed={seed}"])
+    plans = {fold: plan_fold(prepared_synthetic, config, fold) for fold in (-1, 0, 1)}
+    final = plans[-1]
+    assert not final["val_rows"] and set(final["train_rows_resampled"]) <= set(final["train_rows"])
+    streams = [tuple(p["train_rows_resampled"]) for p in plans.values()]
+    assert all(len(s) > 0 for s in streams) and len(set(streams)) == len(streams)

@@ -6,20 +6,31 @@ import math
 import keras
 import numpy as np
 import pytest
+from fixtures_data import smoke_config
+from keras import ops
 
 from dfu_ml.training import models
 from dfu_ml.training.fold import (
+    fold_rf,
     model_inputs,
     plan_fold,
-    fold_rf,
     run_pretrain,
     run_stage1,
     run_stage2,
+    stage_data,
     training_rows,
 )
 from dfu_ml.training.metrics import KAPPA, quadratic_kappa
-from dfu_ml.training.stages import build_fusion_for, effective_batch_size, predict_all
-from fixtures_data import smoke_config
+from dfu_ml.training.stages import (
+    EpochBatches,
+    FitSettings,
+    FixedBatches,
+    _fit,
+    backbone_features,
+    build_fusion_for,
+    effective_batch_size,
+    predict_all,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +226,193 @@ def test_training_is_deterministic_for_a_seed(fold_data, tmp_path):
     assert same(a, b)
     assert runs[0].history == runs[1].history
     assert not same(a, c)
+
+
+# ------------------------------------------------------------ fixed batch shapes (RC6 holds)
+
+
+@pytest.mark.parametrize("rows, batch", [(37, 8), (40, 8), (5, 16), (1, 1), (267, 100000)])
+def test_epoch_batches_fixed_shape_every_row_once(rows, batch):
+    x = {"a": np.arange(rows, dtype="float32")[:, None] * np.ones((1, 2), "float32")}
+    y = np.arange(rows)
+    data = EpochBatches(x, y, batch, seed=(3, 4))
+    assert data.num_batches == math.ceil(rows / batch)  # steps from the array trained on (RC6)
+    batch = min(batch, rows)  # a batch beyond the rows is one step of all of them, unpadded
+    orders = []
+    for _ in range(3):
+        seen, weights = [], []
+        for i in range(data.num_batches):
+            xb, yb, wb = data[i]
+            assert xb["a"].shape == (batch, 2) and yb.shape == (batch,) and wb.shape == (batch,)
+            np.testing.assert_array_equal(xb["a"][:, 0], yb)  # rows stay aligned
+            seen += yb[wb == 1].tolist()
+            weights += wb.tolist()
+        # Every row once at weight 1; the padding (weight 0) only fills the last batch.
+        assert sorted(seen) == list(range(rows))
+        assert sum(weights) == rows and all(w == 1 for w in weights[:rows])
+        orders.append(seen)
+        data.on_epoch_end()
+    if rows > 2:
+        assert orders[0] != orders[1]  # a new order every epoch
+    # The order depends on the seed alone (two models trained on the same rows see the same).
+    first, twin = EpochBatches(x, y, batch, (3, 4)), EpochBatches(x, y, batch, (3, 4))
+    assert [first[i][1].tolist() for i in range(first.num_batches)] == [
+        twin[i][1].tolist() for i in range(twin.num_batches)
+    ]
+
+
+class BatchSizes(keras.layers.Layer):
+    """Records the smallest and largest batch it ran on, in training and in inference, as
+    variables updated by the step itself (so compiled steps record their real shapes too)."""
+
+    def build(self, input_shape):
+        def var(name, value):
+            return self.add_weight(
+                name=name, shape=(), initializer=keras.initializers.Constant(value), trainable=False
+            )
+
+        self.sizes = {
+            (training, end): var(f"{'train' if training else 'infer'}_{end}", v)
+            for training in (True, False)
+            for end, v in (("min", 1e9), ("max", 0.0))
+        }
+
+    def call(self, x, training=False):
+        size = ops.cast(ops.shape(x)[0], "float32")
+        smallest, largest = self.sizes[(bool(training), "min")], self.sizes[(bool(training), "max")]
+        smallest.assign(ops.minimum(smallest, size))
+        largest.assign(ops.maximum(largest, size))
+        return x
+
+    def seen(self, training: bool) -> tuple[float, float]:
+        return tuple(
+            float(ops.convert_to_numpy(self.sizes[(training, end)])) for end in ("min", "max")
+        )
+
+
+def test_fixed_batches_score_every_row_once_in_one_shape():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="x")
+    recorder = BatchSizes()
+    hidden = keras.layers.Dense(5, activation="relu")(recorder(inputs))
+    model = keras.Model({"x": inputs}, keras.layers.Dense(3, activation="softmax")(hidden))
+    x = {"x": np.random.default_rng(0).normal(size=(101, 4)).astype("float32")}
+    rows = FixedBatches(x, max_batch=16)
+    assert rows.batch == 16 and rows.padding == 11  # 7 batches of 16, the last padded
+    # Fewer rows than the batch: the power of two that holds them (few shapes across folds).
+    assert (FixedBatches(x, 256).batch, FixedBatches(x, 256).padding) == (128, 27)
+    assert FixedBatches({"x": x["x"][:1]}, 256).batch == 1
+    proba = rows.predict(model)
+    assert proba.shape == (101, 3)
+    proba_again = predict_all(model, x, 16)
+    # One shape over both calls: no partial batch to build (compile) a second step for.
+    assert recorder.seen(training=False) == (rows.batch, rows.batch)
+    one_by_one = np.concatenate(
+        [model.predict({"x": x["x"][i : i + 1]}, verbose=0) for i in (0, 57, 100)]
+    )
+    np.testing.assert_allclose(proba_again[[0, 57, 100]], one_by_one, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(proba, proba_again, rtol=1e-6)
+
+
+def test_training_steps_have_one_batch_shape(fold_data):
+    """The stages' fit sees only full batches: the last partial batch is padded (RC6 still holds:
+    the steps per epoch are ceil(rows / batch), checked in test_stage_results)."""
+    dataset, config, plan, _ = fold_data
+    data = stage_data(dataset, config, plan, None, [MODALITY])
+    keras.utils.set_random_seed(0)
+    name = models.image_input_name(MODALITY)
+    inputs = keras.Input((config.image_size, config.image_size, 3), name=name)
+    recorder = BatchSizes()
+    pooled = keras.layers.GlobalAveragePooling2D()(recorder(inputs))
+    model = keras.Model({name: inputs}, keras.layers.Dense(3, activation="softmax")(pooled))
+    settings = FitSettings(learning_rate=1e-3, epochs=2, batch_size=config.batch_size)
+    assert len(data.y_train) % settings.batch_size  # premise: a partial last batch
+    result = _fit("shapes", model, data, (1.0, 1.0, 1.0), settings, quiet)
+    assert recorder.seen(training=True) == (result.batch_size, result.batch_size)
+    val_batch = FixedBatches(data.x_val, settings.predict_batch_size).batch
+    assert recorder.seen(training=False) == (val_batch, val_batch)
+    assert result.steps_per_epoch == math.ceil(len(data.y_train) / result.batch_size)
+    assert int(model.optimizer.iterations) == 2 * result.steps_per_epoch
+
+
+# --------------------------------------------------------------- Stage 1 on cached features
+
+
+def test_stage1_head_computes_the_fusion_model(fold_data, trained):
+    """The head on cached backbone features gives the fusion model's predictions, shares its
+    weights, and trains exactly its trainable parameters."""
+    dataset, config, plan, rf_proba = fold_data
+    keras.utils.set_random_seed(5)
+    fusion = build_fusion_for(config)
+    models.load_encoder_into(fusion, MODALITY, trained["enc_dir"])
+    models.set_backbone_trainable(fusion, [MODALITY], False)
+    head = models.build_stage1_head(fusion, [MODALITY])
+    fusion_ids = {id(w) for w in fusion.weights}
+    assert head.weights and all(id(w) in fusion_ids for w in head.weights)
+    assert [id(w) for w in head.trainable_weights] == [id(w) for w in fusion.trainable_weights]
+    data = stage_data(dataset, config, plan, rf_proba)
+    features = backbone_features(fusion, [MODALITY], data.x_val, 64)
+    assert set(features) == {models.feature_input_name(MODALITY), models.RF_INPUT}
+    np.testing.assert_allclose(
+        predict_all(head, features, 64), predict_all(fusion, data.x_val, 64), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("freeze", ["backbone", "encoder"])
+def test_cached_stage1_trains_the_same_model_as_stage1_on_images(fold_data, trained, freeze):
+    """Same weights, same seed, same batches (EpochBatches' order depends on the seed only), same
+    Dropout masks (the head calls the fusion model's own Dropout layer, whose seed generator starts
+    alike in both builds): two epochs on cached features leave the weights, history and
+    validation kappa of two epochs on images, to float tolerance. What can differ is float
+    rounding: the backbone runs in a predict step on batches of another size than in the train
+    step."""
+    dataset, config, plan, rf_proba = fold_data
+    config = config.replace(stage1_epochs=2, stage1_freeze=freeze)
+    enc = {MODALITY: trained["enc_dir"]}
+    cached = run_stage1(dataset, config, plan, rf_proba, enc, log=quiet)
+    images = run_stage1(
+        dataset, config.replace(stage1_cached_features=False), plan, rf_proba, enc, log=quiet
+    )
+    assert cached.extra["stage1_inputs"] == "cached_backbone_features"
+    assert images.extra["stage1_inputs"] == "images"
+    # The artifact handed to Stage 2 is the whole fusion model, compiled like the other.
+    assert [t.name for t in cached.model.inputs] == [t.name for t in images.model.inputs]
+    assert [l.name for l in cached.model.layers] == [l.name for l in images.model.layers]
+    assert (
+        cached.trainable_params
+        == images.trainable_params
+        == models.count_trainable_params(cached.model)
+    )
+    assert list(cached.model.loss.alpha) == pytest.approx(plan["alpha_fusion"])
+    for a, b in zip(cached.model.get_weights(), images.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(weights_of(head_of(cached.model)), trained["artifact_head"])
+    )
+    assert (moved > 1e-4) == (freeze == "backbone")  # the encoder head trained unless frozen
+    assert cached.history["loss"] == pytest.approx(images.history["loss"], rel=1e-4)
+    assert cached.history[KAPPA] == pytest.approx(images.history[KAPPA], abs=1e-9)
+    assert cached.best_epoch == images.best_epoch
+    # The fusion model saved by the Stage 1 step predicts what the head was validated with.
+    data = stage_data(dataset, config, plan, rf_proba)
+    kappa = quadratic_kappa(data.y_val, predict_all(cached.model, data.x_val, 64).argmax(1))
+    assert kappa == pytest.approx(cached.best_val_kappa, abs=1e-9)
+
+
+def test_compiled_steps_train_what_eager_steps_train(fold_data, trained):
+    """jit_compile=compiled (XLA here on TensorFlow) changes how Stage 1's steps run, not what
+    they compute: the same weights as eager steps to float tolerance (without Dropout, whose
+    random numbers XLA may draw differently)."""
+    dataset, config, plan, rf_proba = fold_data
+    config = config.replace(stage1_epochs=2, dropout=0.0)
+    enc = {MODALITY: trained["enc_dir"]}
+    runs = {
+        mode: run_stage1(dataset, config.replace(jit_compile=mode), plan, rf_proba, enc, log=quiet)
+        for mode in ("compiled", "eager")
+    }
+    assert runs["compiled"].extra["jit_compile"] is True
+    assert runs["eager"].extra["jit_compile"] is False
+    for a, b in zip(runs["compiled"].model.get_weights(), runs["eager"].model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert runs["compiled"].history[KAPPA] == pytest.approx(runs["eager"].history[KAPPA], abs=1e-9)

@@ -1,5 +1,6 @@
 """Tests for dfu_ml.storage against a real S3 protocol server (moto) and local folders."""
 
+import hashlib
 import http.server
 import io
 import json
@@ -20,6 +21,7 @@ from dfu_ml.storage import (
     is_s3_uri,
     make_client,
     parse_s3_uri,
+    tree_is_complete,
     upload_file,
     upload_tree,
 )
@@ -213,18 +215,34 @@ def test_secret_not_in_configuration_errors():
 # ---------------------------------------------------------------- trees through S3
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_marker(client, key):
+    return json.loads(client.get_object("data", key).read())
+
+
+def version_key(client, prefix: str, relative: str) -> str:
+    """Where upload_tree put ``relative`` of the tree at ``prefix``: its current version."""
+    version = read_marker(client, f"{prefix}/_SUCCESS")["version"]
+    return f"{prefix}/_versions/{version}/{relative}"
+
+
 def test_nested_tree_round_trips_through_s3(client, tmp_path):
     source = make_tree(tmp_path / "src")
     upload_tree(source, "s3://data/sets/v1")
 
+    marker = read_marker(client, "sets/v1/_SUCCESS")
+    assert marker["format"] == "dfu-kfp-tree/2"
+    assert marker["files"] == {k: {"size": len(v), "sha256": sha256(v)} for k, v in TREE.items()}
     keys = sorted(o.object_name for o in client.list_objects("data", recursive=True))
-    assert keys == sorted(["sets/v1/" + k for k in TREE] + ["sets/v1/_SUCCESS"])
-    marker = json.loads(client.get_object("data", "sets/v1/_SUCCESS").read())
-    assert marker["files"] == {k: len(v) for k, v in TREE.items()}
+    version = f"sets/v1/_versions/{marker['version']}/"
+    assert keys == sorted([version + k for k in TREE] + ["sets/v1/_SUCCESS"])
 
     result = download_tree("s3://data/sets/v1/", tmp_path / "out" / "copy")
     assert result == tmp_path / "out" / "copy"
-    # The marker is consumed by the check, not handed to the caller as data.
+    # The marker and the version folder are storage details, not handed to the caller as data.
     assert read_tree(result) == TREE
     # No staging folders are left beside the destination.
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["copy"]
@@ -249,50 +267,151 @@ def test_whole_bucket_round_trip(client, tmp_path):
 
 def test_download_of_missing_prefix_is_an_error(client, tmp_path):
     with pytest.raises(StorageError) as info:
-        download_tree("s3://data/nothing/here", tmp_path / "out")
+        download_tree("s3://data/nothing/here", tmp_path / "out", allow_unmarked=True)
     assert "no objects under s3://data/nothing/here" in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_marker_catches_deleted_file(client, tmp_path):
     upload_tree(make_tree(tmp_path / "src"), "s3://data/v1")
-    client.remove_object("data", "v1/images/b/002.png")
+    client.remove_object("data", version_key(client, "v1", "images/b/002.png"))
     with pytest.raises(StorageError) as info:
         download_tree("s3://data/v1", tmp_path / "out")
-    assert "images/b/002.png" in str(info.value) and "_SUCCESS" in str(info.value)
+    message = str(info.value)
+    assert "images/b/002.png" in message and "_SUCCESS" in message and "missing" in message
+    assert "s3://data/v1" in message and "upload the tree again" in message
     # A failed download publishes nothing.
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.glob(".out.tmp-*")) == []
+    assert not tree_is_complete("s3://data/v1")
 
 
 def test_marker_catches_truncated_file(client, tmp_path):
     upload_tree(make_tree(tmp_path / "src"), "s3://data/v1")
-    client.put_object("data", "v1/labels.csv", io.BytesIO(b"id,la"), 5)
+    client.put_object("data", version_key(client, "v1", "labels.csv"), io.BytesIO(b"id,la"), 5)
     with pytest.raises(StorageError) as info:
         download_tree("s3://data/v1", tmp_path / "out")
     message = str(info.value)
     assert "labels.csv" in message and "5 bytes" in message
-    assert str(len(TREE["labels.csv"])) in message
+    assert f"{len(TREE['labels.csv'])} bytes" in message
+    assert not tree_is_complete("s3://data/v1")
 
 
-def test_malformed_marker_is_reported(client, tmp_path):
+def test_marker_catches_a_changed_file_of_the_same_size(client, tmp_path):
     upload_tree(make_tree(tmp_path / "src"), "s3://data/v1")
-    client.put_object("data", "v1/_SUCCESS", io.BytesIO(b"not json"), 8)
-    with pytest.raises(StorageError, match="_SUCCESS marker under s3://data/v1 is malformed"):
+    forged = b"\x89PNG" + b"\xff" * 3000
+    key = version_key(client, "v1", "images/b/002.png")
+    client.put_object("data", key, io.BytesIO(forged), len(forged))
+    with pytest.raises(StorageError) as info:
         download_tree("s3://data/v1", tmp_path / "out")
+    message = str(info.value)
+    assert "images/b/002.png" in message and "SHA-256" in message
+    assert sha256(forged)[:12] in message and sha256(TREE["images/b/002.png"])[:12] in message
+    assert not (tmp_path / "out").exists()
 
 
-def test_tree_without_marker_downloads_everything(client, tmp_path):
-    client.put_object("data", "raw/a/b.txt", io.BytesIO(b"abc"), 3)
+@pytest.mark.parametrize(
+    "marker, complaint",
+    [
+        (b"not json", "is malformed"),
+        (json.dumps({"files": {"labels.csv": 18}}).encode(), "format None"),
+        (
+            json.dumps({"format": "dfu-kfp-tree/2", "version": "v", "files": []}).encode(),
+            "malformed",
+        ),
+        (
+            json.dumps(
+                {"format": "dfu-kfp-tree/2", "version": "../x", "files": {"a": {"size": 1}}}
+            ).encode(),
+            "malformed",
+        ),
+        (
+            json.dumps(
+                {"format": "dfu-kfp-tree/2", "version": "v", "files": {"a": {"size": 1}}}
+            ).encode(),
+            "malformed",
+        ),
+    ],
+)
+def test_malformed_or_old_marker_is_reported(client, tmp_path, marker, complaint):
+    upload_tree(make_tree(tmp_path / "src"), "s3://data/v1")
+    client.put_object("data", "v1/_SUCCESS", io.BytesIO(marker), len(marker))
+    with pytest.raises(StorageError) as info:
+        download_tree("s3://data/v1", tmp_path / "out")
+    message = str(info.value)
+    assert "_SUCCESS marker under s3://data/v1" in message and complaint in message
+    assert "upload the tree again" in message
+    assert not tree_is_complete("s3://data/v1")
+
+
+def put_raw(client, prefix, files):
+    """Objects written as another tool (aws s3 cp, KFP's launcher) writes them: no marker."""
+    for relative, data in files.items():
+        client.put_object("data", f"{prefix}/{relative}", io.BytesIO(data), len(data))
+
+
+def test_tree_without_marker_is_refused_unless_allowed(client, tmp_path):
+    put_raw(client, "raw", {"a/b.txt": b"abc"})
+    with pytest.raises(StorageError) as info:
+        download_tree("s3://data/raw", tmp_path / "out")
+    assert "s3://data/raw has no _SUCCESS marker" in str(info.value)
+    assert "dfu-kfp upload" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert not tree_is_complete("s3://data/raw")
+
+
+def test_tree_without_marker_is_read_with_a_warning_when_allowed(client, tmp_path, capsys):
+    put_raw(client, "raw", {"a/b.txt": b"abc", "c.txt": b"c"})
     client.put_object("data", "raw/folder/", io.BytesIO(b""), 0)  # a folder placeholder
-    assert read_tree(download_tree("s3://data/raw", tmp_path / "out")) == {"a/b.txt": b"abc"}
+    result = download_tree("s3://data/raw", tmp_path / "out", allow_unmarked=True)
+    assert read_tree(result) == {"a/b.txt": b"abc", "c.txt": b"c"}
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: s3://data/raw has no _SUCCESS marker")
+    assert "2 objects" in warning and "dfu-kfp upload" in warning
 
 
-def test_reupload_replaces_the_marker(client, tmp_path):
-    upload_tree(make_tree(tmp_path / "one", {"a.txt": b"1"}), "s3://data/v")
+def test_an_unfinished_upload_is_never_read_even_where_unmarked_trees_are(client, tmp_path):
+    put_raw(client, "half", {"_versions/20260101T000000000000Z-0000abcd/a.txt": b"a"})
+    with pytest.raises(StorageError) as info:
+        download_tree("s3://data/half", tmp_path / "out", allow_unmarked=True)
+    message = str(info.value)
+    assert "s3://data/half holds an unfinished upload" in message
+    assert "dfu-kfp upload DIR s3://data/half" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_reupload_replaces_the_tree_and_removes_the_old_version(client, tmp_path):
+    upload_tree(make_tree(tmp_path / "one", {"a.txt": b"1", "gone.txt": b"x"}), "s3://data/v")
+    first = read_marker(client, "v/_SUCCESS")["version"]
     upload_tree(make_tree(tmp_path / "two", {"a.txt": b"22", "b.txt": b"3"}), "s3://data/v")
-    marker = json.loads(client.get_object("data", "v/_SUCCESS").read())
-    assert marker["files"] == {"a.txt": 2, "b.txt": 1}
+    marker = read_marker(client, "v/_SUCCESS")
+    assert marker["files"] == {
+        "a.txt": {"size": 2, "sha256": sha256(b"22")},
+        "b.txt": {"size": 1, "sha256": sha256(b"3")},
+    }
+    keys = {o.object_name for o in client.list_objects("data", prefix="v/", recursive=True)}
+    assert not any(first in key for key in keys)
+    # A file that the new tree does not have is not handed out with it.
+    assert read_tree(download_tree("s3://data/v", tmp_path / "out")) == {
+        "a.txt": b"22",
+        "b.txt": b"3",
+    }
+
+
+def test_if_absent_leaves_a_complete_tree_alone(client, tmp_path):
+    assert upload_tree(make_tree(tmp_path / "one", {"a.txt": b"1"}), "s3://data/v", if_absent=True)
+    before = sorted((o.object_name, o.etag) for o in client.list_objects("data", recursive=True))
+    again = make_tree(tmp_path / "two", {"a.txt": b"2"})
+    assert upload_tree(again, "s3://data/v", if_absent=True) is False
+    after = sorted((o.object_name, o.etag) for o in client.list_objects("data", recursive=True))
+    assert after == before
+
+
+def test_tree_is_complete_needs_a_valid_marker_and_every_object(client, tmp_path):
+    assert not tree_is_complete("s3://data/v")
+    assert not tree_is_complete("s3://no-such-bucket/v")
+    upload_tree(make_tree(tmp_path / "src"), "s3://data/v")
+    assert tree_is_complete("s3://data/v")
 
 
 def test_upload_of_empty_folder_is_an_error(client, tmp_path):
@@ -377,7 +496,7 @@ def test_copy_tree_between_all_location_kinds(client, tmp_path):
     copy_tree(tmp_path / "from-s3", tmp_path / "local-copy")  # local -> local
     assert read_tree(tmp_path / "local-copy") == TREE
     keys = {o.object_name for o in client.list_objects("data", prefix="b/", recursive=True)}
-    assert "b/_SUCCESS" in keys and "b/labels.csv" in keys
+    assert "b/_SUCCESS" in keys and version_key(client, "b", "labels.csv") in keys
 
 
 def test_local_copy_into_existing_folder_keeps_other_files(tmp_path):
@@ -538,3 +657,48 @@ def test_secret_echoed_by_the_server_is_redacted(stub_s3, tmp_path):
     message = str(info.value)
     assert "InvalidArgument" in message and "bad header ***" in message
     assert SECRET not in message
+
+
+@pytest.mark.parametrize("secret", ["b", "k3y", "s/+x=7", SECRET])
+def test_any_secret_is_redacted_without_garbling_the_message(secret):
+    settings = S3Settings("m:9000", "ak", secret, secure=False)
+    message = f"bucket 'data' refused: bad header [{secret}] (x={secret})"
+    # Whole words that merely contain the secret ("bucket", "bad" for "b") stay as they are.
+    assert storage._redact(message, settings) == "bucket 'data' refused: bad header [***] (x=***)"
+
+
+def test_signature_and_credential_fields_are_redacted():
+    message = (
+        "PUT /data/x?X-Amz-Credential=AKIA%2F20260101&X-Amz-Signature=abc123 failed; "
+        "Authorization: AWS4-HMAC-SHA256 Credential=AKIA/20260101/us-east-1, Signature=f00d"
+    )
+    redacted = storage._redact(message, None)
+    for leaked in ("AKIA%2F20260101", "abc123", "AWS4-HMAC-SHA256", "AKIA/20260101", "f00d"):
+        assert leaked not in redacted
+    assert "X-Amz-Signature=***" in redacted and "Signature=***" in redacted
+    assert redacted.startswith("PUT /data/x?") and "failed;" in redacted
+
+
+def test_a_short_secret_echoed_by_the_server_is_redacted(stub_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFU_S3_SECRET_KEY", "pw")
+    stub_s3.status = 400
+    stub_s3.body = (
+        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InvalidArgument</Code>"
+        b"<Message>bad header pw</Message></Error>"
+    )
+    with pytest.raises(StorageError) as info:
+        download_tree("s3://data/v1", tmp_path / "out")
+    assert "InvalidArgument" in str(info.value) and "bad header ***" in str(info.value)
+
+
+def test_dfu_kfp_upload_writes_a_verified_tree(client, tmp_path, capsys):
+    from pipelines.cli import main
+
+    source = make_tree(tmp_path / "src")
+    assert main(["upload", str(source), "s3://data/study"]) == 0
+    assert "uploaded" in capsys.readouterr().out
+    assert tree_is_complete("s3://data/study")
+    assert read_tree(download_tree("s3://data/study", tmp_path / "out")) == TREE
+    assert main(["upload", str(tmp_path / "missing"), "s3://data/study"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: local folder") and "missing" in line

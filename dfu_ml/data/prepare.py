@@ -68,11 +68,30 @@ def find_dataset_files(folder: Path) -> dict:
     return files
 
 
-def _decode(path: Path) -> np.ndarray:
+# Pillow's modes for 16- and 32-bit single-channel PNGs (a depth camera's raw export).
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PNG mode a camera writes as an 8-bit RGB array (height, width, 3).
+
+    8-bit grey, RGB, RGBA (alpha dropped), palette and bilevel images go through Pillow's own
+    conversion. 16-bit grey is scaled by its bit depth (65535 -> 255, as an 8-bit export of the
+    same image would be): ``convert("RGB")`` clips it instead, which turned a 16-bit depth image
+    all white.
+    """
+    if img.mode in WIDE_GREY_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def decode_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert("RGB"))
+            return to_rgb8(img)
     except FileNotFoundError:
         raise DataError(f"image file missing: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, zlib.error, ValueError) as exc:
@@ -156,6 +175,13 @@ def prepare_dataset(
     counts.update(crop_counts)
     for modality in modalities:
         sets[f"has_{modality}"] = images.pop(f"_ok_{modality}")
+        if len(sets) and not sets[f"has_{modality}"].any():
+            raise DataError(
+                f"{folder / schema.MODALITY_FOLDERS[modality]}: none of the {len(sets)} image "
+                f"sets has its {modality} image (on_missing_image=skip skips missing files, but "
+                f"here every one is missing); restore the folder or leave {modality} out of "
+                "'modalities'"
+            )
     meta = {
         "format_version": FORMAT_VERSION,
         "source": str(folder),
@@ -230,7 +256,7 @@ def _crop_all(
                     "drop the modality for that image set (counted in the data report)"
                 )
             return path, None
-        return path, _decode(path)
+        return path, decode_image(path)
 
     box_csv = {"D": schema.DEPTH_BOX_CSV, "T": schema.THERMAL_BOX_CSV}
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:

@@ -91,8 +91,24 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         raise DataError(f"{path} is not a readable CSV ({what}): {exc}") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty; expected the {what}") from None
+    _reject_duplicate_headers(path)
     frame.columns = [c.strip() for c in frame.columns]
     return frame
+
+
+def _reject_duplicate_headers(path: Path) -> None:
+    """A repeated column name is an error: pandas would rename the second copy (``Patient#.1``)
+    and every reader would silently use the first."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    seen: dict[str, int] = {}
+    for number, name in enumerate((h.strip() for h in header), start=1):
+        if name in seen:
+            raise DataError(
+                f"{path}, line 1: column {name!r} appears twice (columns {seen[name]} and "
+                f"{number}); remove or rename one of them"
+            )
+        seen[name] = number
 
 
 def _require_columns(frame: pd.DataFrame, columns, path: Path) -> None:
@@ -176,6 +192,13 @@ def read_boxes(path: Path, camera: str) -> pd.DataFrame:
     _require_columns(frame, schema.BOX_COLUMNS, path)
     if frame.empty:
         raise DataError(f"{path}: the bounding-box CSV has a header but no rows")
+    empty = frame["Filename"].isna() | (frame["Filename"].str.strip() == "")
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0])
+        raise DataError(
+            f"{path}, line {row + 2}, column 'Filename': the cell is empty ({int(empty.sum())} "
+            "such row(s)); give the image file name or remove the row"
+        )
     for column in (*schema.VISIT_KEY, "Bounding Box Number", "Xmin", "Ymin", "Xmax", "Ymax"):
         frame[column] = _to_int_column(frame, column, path)
     frame["Filename"] = frame["Filename"].str.strip()

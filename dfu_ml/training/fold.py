@@ -103,7 +103,8 @@ def plan_fold(dataset: PreparedDataset, config: Config, fold: int) -> dict:
     val_rows = np.flatnonzero(rows["patient"].isin(val_patients).to_numpy())
     labels = rows["label"].to_numpy()
     resampled = train_rows[
-        resample_indices(labels[train_rows], config.resampling, config.seed + fold)
+        # (seed, fold + 1): a distinct stream per fold, the final fit (-1) included, for any seed.
+        resample_indices(labels[train_rows], config.resampling, (config.seed, fold + 1))
     ]
     alpha = compute_focal_alpha(labels[train_rows], config.alpha_max_ratio)
     pretrain_alpha = {

@@ -9,6 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from dfu_ml.config import Config
+from dfu_ml.training.metrics import KAPPA
+
+# Validation kappa that moves less than this over a whole stage never changed what the model
+# predicts: a flat curve, whatever its best epoch.
+FLAT_KAPPA_SPREAD = 0.01
 
 
 def _check(name: str, passed: bool, figure, detail: str) -> dict:
@@ -24,6 +29,37 @@ def _used_stages(fold: dict) -> list[dict]:
     if stage2 and not stage2.get("kept_stage1_weights"):
         stages.append(stage2)
     return stages
+
+
+def stopped_learning(stage: dict, min_loss_drop: float) -> bool:
+    """Whether a stage whose best epoch is 1 stopped learning (the study's failure) rather than
+    peaked early.
+
+    The study restored epoch-1 weights everywhere because nothing moved: a learning rate too low,
+    one update per epoch, a collapsed pre-training. Such a stage's training loss stays where epoch
+    1 left it, or its validation kappa never changes. A stage that keeps lowering its training
+    loss while validation kappa, which did move, falls from an epoch-1 peak is learning, and
+    keeping its epoch-1 weights is early stopping doing its job, provided that peak is above
+    chance (kappa > 0).
+    """
+    if stage["best_epoch"] != 1 or stage["epochs_run"] <= 1:
+        return False
+    history = stage.get("history", {})
+    loss, kappa = history.get("loss", []), history.get(KAPPA, [])
+    if len(loss) < 2 or not kappa or loss[0] <= 0:
+        return True
+    loss_drop = (loss[0] - min(loss[1:])) / loss[0]
+    flat = max(kappa) - min(kappa) < FLAT_KAPPA_SPREAD
+    # A "peak" at or below chance is no peak: the stage never predicted better than chance.
+    return loss_drop < min_loss_drop or flat or max(kappa) <= 0
+
+
+def _early_peaks(stages: list[tuple[int, dict]], min_loss_drop: float) -> list:
+    return [
+        (fold, s["stage"])
+        for fold, s in stages
+        if s["best_epoch"] == 1 and s["epochs_run"] > 1 and not stopped_learning(s, min_loss_drop)
+    ]
 
 
 def _stage_minimum(folds: list[dict], key: str, minimum: int, name: str, what: str) -> dict:
@@ -59,13 +95,17 @@ def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict
                 + (f" (fold {worst[0]}, {worst[1]})" if worst else ""),
             )
         )
-        s1 = [(f["fold"], f["stage1"]["best_epoch"]) for f in folds]
+        drop = config.health_min_loss_drop
+        stage1 = [(f["fold"], f["stage1"]) for f in folds]
+        peaks = _early_peaks(stage1, drop)
         checks.append(
             _check(
                 "stage1_best_epoch_after_1",
-                all(e > 1 for _, e in s1),
-                min(e for _, e in s1),
-                "smallest Stage 1 best epoch",
+                not [fold for fold, s in stage1 if stopped_learning(s, drop)],
+                min(s["best_epoch"] for _, s in stage1),
+                "smallest Stage 1 best epoch; epoch 1 passes only as an early peak of a stage "
+                f"that kept learning (training loss down >= {drop:.0%}, validation kappa moved)"
+                + (f"; early peaks: {peaks}" if peaks else ""),
             )
         )
         s2 = [f["stage2"] for f in folds]
@@ -82,19 +122,17 @@ def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict
                 "Stage 2 improved on Stage 1, or Stage 1's weights were kept and reported",
             )
         )
-        epoch1 = [
-            (f["fold"], s["stage"])
-            for f in folds
-            for s in _used_stages(f)
-            if s["best_epoch"] == 1 and s["epochs_run"] > 1
-        ]
+        used = [(f["fold"], s) for f in folds for s in _used_stages(f)]
+        stuck = [(fold, s["stage"]) for fold, s in used if stopped_learning(s, drop)]
+        peaks = _early_peaks(used, drop)
         checks.append(
             _check(
                 "no_stage_restores_epoch_1",
-                not epoch1,
-                len(epoch1),
-                "stages whose returned weights are from epoch 1"
-                + (f": {epoch1}" if epoch1 else ""),
+                not stuck,
+                len(stuck),
+                "stages that stopped learning and returned their epoch-1 weights"
+                + (f": {stuck}" if stuck else "")
+                + (f"; early peaks that kept learning: {peaks}" if peaks else ""),
             )
         )
         if config.uses_metadata:

@@ -8,7 +8,9 @@ themselves, and the small CNN rescales in its first layer.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import keras
 from keras import layers, ops
 
 from dfu_ml.data.schema import NUM_CLASSES
+from dfu_ml.errors import ConfigError
 
 OUTPUT_LAYER = "output"
 RF_INPUT = "rf_probs"
@@ -32,6 +35,21 @@ APPLICATIONS = {
     "DenseNet121": "densenet.DenseNet121",
     "MobileNetV3Small": "MobileNetV3Small",
 }
+# Keras's own file names for the ImageNet weights without the top (include_top=False) of each
+# application backbone: keras.applications stores them under $KERAS_HOME/models, and
+# docker/build.sh bakes them there into the GPU image (tests/test_models.py checks each name
+# against the Keras source, so a Keras upgrade that renames one fails a test, not a cluster run).
+IMAGENET_FILES = {
+    "EfficientNetB0": "efficientnetb0_notop.h5",
+    "EfficientNetB1": "efficientnetb1_notop.h5",
+    "EfficientNetB2": "efficientnetb2_notop.h5",
+    "EfficientNetB3": "efficientnetb3_notop.h5",
+    "DenseNet121": "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "MobileNetV3Small": "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+}
+# Layers whose output is a class probability: always float32 under a mixed-precision policy
+# (a bfloat16 softmax and fusion would round the probabilities the loss and kappa read).
+FLOAT32 = "float32"
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,62 @@ def backbone_name(modality: str) -> str:
     return f"{modality}_backbone"
 
 
+@contextlib.contextmanager
+def precision(policy: str):
+    """Build models under a Keras dtype policy (``none`` = float32), restoring the global one.
+
+    Layers take the policy when they are built, so only models built inside are mixed; the
+    probability layers stay float32 (:data:`FLOAT32`). A saved model keeps its layers' policies.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if policy in ("none", "", None) else policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def keras_models_dir() -> Path:
+    """Where Keras keeps downloaded weights: ``$KERAS_HOME/models`` (default ``~/.keras``)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """The ImageNet weights file ``backbone_weights: imagenet`` loads; a ConfigError naming the
+    expected file when it is absent (nothing is downloaded at run time)."""
+    if backbone not in IMAGENET_FILES:
+        raise ConfigError(
+            f"backbone_weights=imagenet: there are no ImageNet weights for backbone {backbone!r}; "
+            f"use one of {', '.join(IMAGENET_FILES)} or backbone_weights=none"
+        )
+    path = keras_models_dir() / IMAGENET_FILES[backbone]
+    if not path.is_file():
+        raise ConfigError(
+            f"backbone_weights=imagenet: the {backbone} ImageNet weights file {path} is missing. "
+            "Build the GPU image with them (docker/build.sh bakes them by default), copy Keras's "
+            f"{IMAGENET_FILES[backbone]} there, set KERAS_HOME to the folder above models/, or "
+            "use backbone_weights=none"
+        )
+    return path
+
+
+def _load_backbone_weights(model: keras.Model, path: Path, backbone: str) -> None:
+    """Load a weights file into a backbone, failing loudly when the file is of another model:
+    ``skip_mismatch=True`` silently left every mismatching layer at its random initialisation."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"backbone_weights file not found: {path}")
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError(
+            f"backbone_weights file {path} does not hold the weights of a {backbone} backbone at "
+            f"this image size ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "give a file saved from the same backbone"
+        ) from None
+
+
 def _small_cnn(image_size: int, name: str) -> keras.Model:
     """A CPU-sized CNN (about 25k parameters at width 16) for smoke runs and tests."""
     inputs = keras.Input((image_size, image_size, 3), name=f"{name}_input")
@@ -110,10 +184,16 @@ def _small_cnn(image_size: int, name: str) -> keras.Model:
 def build_backbone(spec: EncoderSpec, name: str) -> keras.Model:
     """A backbone sub-model that maps raw [0, 255] images to a pooled feature vector.
 
-    ``spec.weights`` is ``none``, ``imagenet`` (needs the weights in the Keras cache: nothing is
-    downloaded on our clusters) or a path to a local ``.h5``/``.weights.h5`` file.
+    ``spec.weights`` is ``none``, ``imagenet`` (Keras's weights file under ``$KERAS_HOME/models``,
+    see :func:`imagenet_weights_file`: nothing is downloaded on our clusters) or a path to a local
+    ``.h5``/``.weights.h5`` file. Either file must be of this backbone, or a ConfigError says so.
     """
     backbone, image_size, weights = spec.backbone, spec.image_size, spec.weights
+    weights_file = None
+    if weights == "imagenet":
+        weights_file = imagenet_weights_file(backbone)
+    elif weights not in ("none", "", None):
+        weights_file = Path(weights)
     if backbone == "small_cnn":
         model = _small_cnn(image_size, name)
     else:
@@ -125,7 +205,9 @@ def build_backbone(spec: EncoderSpec, name: str) -> keras.Model:
             "include_top": False,
             "pooling": "avg",
             "input_shape": (image_size, image_size, 3),
-            "weights": "imagenet" if weights == "imagenet" else None,
+            # Loaded below, from the file Keras would have downloaded: the same load_weights call
+            # keras.applications makes, without its download.
+            "weights": None,
         }
         if backbone == "MobileNetV3Small":
             kwargs["include_preprocessing"] = True
@@ -141,11 +223,62 @@ def build_backbone(spec: EncoderSpec, name: str) -> keras.Model:
             )(x)
         model = factory(**kwargs)
         model.name = name
-    if weights not in ("none", "imagenet", "", None):
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"backbone_weights file not found: {weights}")
-        model.load_weights(weights, skip_mismatch=True)
+    if weights_file is not None:
+        _load_backbone_weights(model, weights_file, backbone)
     return model
+
+
+# Building the layers above the backbones is written once, for two callers: the fusion model
+# (``new``: make each layer) and the Stage 1 head on cached backbone features (``shared(model)``:
+# take the fusion model's layer of that name, so that both models train the same weights).
+def new(name: str, make):
+    return make()
+
+
+def shared(model: keras.Model):
+    return lambda name, make: model.get_layer(name)
+
+
+def _encoder_head(x, modality: str, spec: EncoderSpec | None, layer=new):
+    """Backbone features -> the encoder's Dense features and Dropout."""
+    x = layer(
+        f"{modality}_features",
+        lambda: layers.Dense(spec.feature_dim, activation="relu", name=f"{modality}_features"),
+    )(x)
+    return layer(
+        f"{modality}_dropout", lambda: layers.Dropout(spec.dropout, name=f"{modality}_dropout")
+    )(x)
+
+
+def _fusion_top(features: list, rf_input, spec: FusionSpec | None, layer=new):
+    """Encoder features -> (concatenation and projection) -> image classifier -> fusion."""
+    if len(features) > 1:
+        x = layer("image_features", lambda: layers.Concatenate(name="image_features"))(features)
+        x = layer(
+            "image_projection",
+            lambda: layers.Dense(
+                spec.encoder.feature_dim, activation="relu", name="image_projection"
+            ),
+        )(x)
+    else:
+        x = features[0]
+    image_probs = layer(
+        IMAGE_CLASSIFIER,
+        lambda: layers.Dense(
+            NUM_CLASSES, activation="softmax", name=IMAGE_CLASSIFIER, dtype=FLOAT32
+        ),
+    )(x)
+    if rf_input is None:
+        return layer(
+            OUTPUT_LAYER, lambda: layers.Activation("linear", name=OUTPUT_LAYER, dtype=FLOAT32)
+        )(image_probs)
+    fusion = layer(
+        FUSION_LAYER,
+        lambda: LearnableFusionWeight(
+            spec.rf_weight, spec.learnable_fusion, name=FUSION_LAYER, dtype=FLOAT32
+        ),
+    )
+    return fusion([rf_input, image_probs])
 
 
 def build_image_encoder(modality: str, spec: EncoderSpec) -> keras.Model:
@@ -153,16 +286,16 @@ def build_image_encoder(modality: str, spec: EncoderSpec) -> keras.Model:
     size = spec.image_size
     inputs = keras.Input((size, size, 3), name=image_input_name(modality))
     features = build_backbone(spec, backbone_name(modality))(inputs)
-    x = layers.Dense(spec.feature_dim, activation="relu", name=f"{modality}_features")(features)
-    x = layers.Dropout(spec.dropout, name=f"{modality}_dropout")(x)
-    return keras.Model(inputs, x, name=encoder_name(modality))
+    return keras.Model(inputs, _encoder_head(features, modality, spec), name=encoder_name(modality))
 
 
 def build_image_model(encoder: keras.Model, modality: str) -> keras.Model:
     """Standalone image model for pre-training: encoder + Dense(3, softmax, name="output")."""
     name = image_input_name(modality)
     inputs = keras.Input(tuple(encoder.inputs[0].shape[1:]), name=name)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=OUTPUT_LAYER)(encoder(inputs))
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name=OUTPUT_LAYER, dtype=FLOAT32)(
+        encoder(inputs)
+    )
     return keras.Model({name: inputs}, outputs, name=f"{encoder.name}_pretrain")
 
 
@@ -221,19 +354,43 @@ def build_fusion_model(spec: FusionSpec) -> keras.Model:
         name = image_input_name(modality)
         inputs[name] = keras.Input((size, size, 3), name=name)
         features.append(build_image_encoder(modality, spec.encoder)(inputs[name]))
-    if len(features) > 1:
-        x = layers.Concatenate(name="image_features")(features)
-        x = layers.Dense(spec.encoder.feature_dim, activation="relu", name="image_projection")(x)
-    else:
-        x = features[0]
-    image_probs = layers.Dense(NUM_CLASSES, activation="softmax", name=IMAGE_CLASSIFIER)(x)
-    if not spec.use_metadata:
-        outputs = layers.Activation("linear", name=OUTPUT_LAYER)(image_probs)
-    else:
+    if spec.use_metadata:
         inputs[RF_INPUT] = keras.Input((NUM_CLASSES,), name=RF_INPUT)
-        fusion = LearnableFusionWeight(spec.rf_weight, spec.learnable_fusion, name=FUSION_LAYER)
-        outputs = fusion([inputs[RF_INPUT], image_probs])
+    outputs = _fusion_top(features, inputs.get(RF_INPUT), spec)
     return keras.Model(inputs, outputs, name="dfu_fusion")
+
+
+def feature_input_name(modality: str) -> str:
+    return f"{modality}_backbone_features"
+
+
+def backbone_of(model: keras.Model, modality: str) -> keras.Model:
+    return model.get_layer(encoder_name(modality)).get_layer(backbone_name(modality))
+
+
+def build_stage1_head(fusion: keras.Model, modalities) -> keras.Model:
+    """The fusion model above its backbones, on cached backbone features.
+
+    Its inputs are each modality's backbone output (``{modality}_backbone_features``) and the RF
+    probabilities; every layer is the fusion model's own (:func:`shared`), so training the head
+    trains the fusion model's weights, and the fusion model with its backbones is the Stage 1
+    model. Valid while the backbones are frozen: their output is then fixed for the stage.
+    """
+    inputs, features = {}, []
+    for modality in modalities:
+        name = feature_input_name(modality)
+        inputs[name] = keras.Input((backbone_of(fusion, modality).output.shape[-1],), name=name)
+        encoder = fusion.get_layer(encoder_name(modality))
+        features.append(_encoder_head(inputs[name], modality, None, shared(encoder)))
+    if has_fusion_layer(fusion):
+        inputs[RF_INPUT] = keras.Input((NUM_CLASSES,), name=RF_INPUT)
+    outputs = _fusion_top(features, inputs.get(RF_INPUT), None, shared(fusion))
+    return keras.Model(inputs, outputs, name="dfu_fusion_stage1_head")
+
+
+def has_fusion_layer(model: keras.Model) -> bool:
+    """Whether the model fuses RF probabilities (it has a metadata input)."""
+    return any(layer.name == FUSION_LAYER for layer in model.layers)
 
 
 def count_trainable_params(model: keras.Model) -> int:

@@ -33,8 +33,9 @@ def compute_focal_alpha(labels: np.ndarray, max_ratio: float | None = 3.0) -> li
     return [float(a) for a in alpha]
 
 
-def resample_indices(labels: np.ndarray, strategy: str, seed: int) -> np.ndarray:
-    """Indices (into ``labels``) of the resampled training rows.
+def resample_indices(labels: np.ndarray, strategy: str, seed: int | tuple[int, ...]) -> np.ndarray:
+    """Indices (into ``labels``) of the resampled training rows (``seed``: non-negative integers,
+    as NumPy's ``default_rng`` takes them).
 
     ``none`` keeps every row once; ``random`` oversamples every class to the largest count;
     ``combined`` undersamples the largest class to the middle count and oversamples the smallest

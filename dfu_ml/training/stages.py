@@ -5,6 +5,9 @@ Each stage is a function with explicit inputs and outputs. Every stage:
   early stopping and best-weight restore, and reports the epoch whose weights it returns;
 - computes steps per epoch from the array it trains on, with the batch size clipped so that an
   epoch has several updates (RC6), and scores every validation row exactly once;
+- feeds batches of one fixed shape (:class:`EpochBatches`, :class:`FixedBatches`), so that a
+  compiled step (XLA, ``torch.compile``) is built once per stage, not again for the last partial
+  batch or the validation pass;
 - logs its trainable parameter count (RC3) and returns its per-epoch history;
 - seeds Keras first, so the same seed gives the same weights on CPU.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -91,15 +95,111 @@ def one_hot(labels: np.ndarray) -> np.ndarray:
     return np.eye(NUM_CLASSES, dtype="float32")[np.asarray(labels, int)]
 
 
+def _rows(inputs: dict) -> int:
+    return len(next(iter(inputs.values())))
+
+
+def on_device(arrays: dict) -> dict:
+    """The arrays as backend tensors on the backend's device where batches can be cut there.
+
+    On torch and JAX a batch is then gathered on the accelerator, with no per-batch host copy for
+    the GPU to wait on (Keras would slice the NumPy array and copy every batch over); TensorFlow
+    reads batches through tf.data, which takes host arrays, so they stay NumPy there.
+    """
+    if keras.backend.backend() not in ("torch", "jax"):
+        return arrays
+    return {k: keras.ops.convert_to_tensor(v) for k, v in arrays.items()}
+
+
+def _repeat_rows(array, extra: int):
+    """``array`` followed by ``extra`` of its rows, cycling from the first (padding that is
+    dropped or weighted 0)."""
+    if not extra:
+        return array
+    index = np.arange(extra) % len(array)
+    if isinstance(array, np.ndarray):
+        return np.concatenate([array, array[index]])
+    return keras.ops.concatenate([array, array[index]], axis=0)
+
+
+class FixedBatches:
+    """Rows to predict, padded once so that every batch has the same shape (no recompilation of a
+    compiled predict step for a last partial batch) and the padding dropped from the result.
+
+    The batch is ``max_batch`` rows, or for fewer rows the power of two that holds them all, so
+    that folds of different sizes (and the final fit) run the same few shapes, and a compiled
+    program from one GPU step is found in the persistent compilation cache by the next. Every row
+    is scored exactly once (RC6); the padding is less than one batch.
+    """
+
+    def __init__(self, inputs: dict, max_batch: int):
+        self.rows = _rows(inputs)
+        max_batch = max(1, max_batch)
+        holds_all = 2 ** math.ceil(math.log2(max(self.rows, 1)))
+        self.batch = min(max_batch, holds_all)
+        self.padding = -self.rows % self.batch
+        self.inputs = {k: _repeat_rows(v, self.padding) for k, v in inputs.items()}
+
+    def predict(self, model: keras.Model) -> np.ndarray:
+        if self.rows == 0:
+            return np.zeros((0, model.output_shape[-1]), "float32")
+        # A model with one unnamed input (a backbone) takes the lone array, not a dict.
+        x = self.inputs if isinstance(model.input, dict) else next(iter(self.inputs.values()))
+        out = np.asarray(model.predict(x, batch_size=self.batch, verbose=0))
+        if len(out) != self.rows + self.padding:
+            raise RuntimeError(
+                f"scored {len(out)} of {self.rows + self.padding} rows; every row must be scored once"
+            )
+        return out[: self.rows].astype("float32")
+
+
 def predict_all(model: keras.Model, inputs: dict, batch_size: int) -> np.ndarray:
     """Probabilities for every row, each scored exactly once (no dropped partial batch)."""
-    n_rows = len(next(iter(inputs.values())))
-    if n_rows == 0:
+    if _rows(inputs) == 0:
         return np.zeros((0, NUM_CLASSES), "float32")
-    proba = np.asarray(model.predict(inputs, batch_size=batch_size, verbose=0))
-    if len(proba) != n_rows:
-        raise RuntimeError(f"scored {len(proba)} of {n_rows} rows; every row must be scored once")
-    return proba
+    return FixedBatches(inputs, batch_size).predict(model)
+
+
+class EpochBatches(keras.utils.PyDataset):
+    """The training rows in batches of exactly ``batch`` rows, in a new order every epoch.
+
+    An epoch is a permutation of the rows cut into ``ceil(n / batch)`` batches (RC6: the steps come
+    from the array trained on); the last batch is filled up with rows repeated from the epoch's
+    start at sample weight 0, and the loss averages over the weighted rows
+    (``mean_with_sample_weight``), so every row is trained on once per epoch and the padded batch's
+    loss is the mean over its real rows, while every step has the same shape (a compiled step is
+    built once). The order comes from ``seed`` and the epoch alone, so two models trained on the
+    same rows see the same batches (the cached Stage 1 test relies on this).
+    """
+
+    def __init__(self, x: dict, y, batch: int, seed: tuple):
+        super().__init__()  # one worker in this thread: batches are cut on the device (on_device)
+        self.x, self.y = x, y
+        # A batch larger than the rows (clip_batch_size=false) is one step of all the rows, as
+        # Keras would run it: never padded up to the batch size.
+        self.rows, self.batch = len(y), max(1, min(batch, len(y)))
+        self.steps = math.ceil(self.rows / self.batch)
+        self.seed, self.epoch = tuple(seed), 0
+        self._plan()
+
+    def _plan(self) -> None:
+        order = np.random.default_rng([*self.seed, self.epoch]).permutation(self.rows)
+        padding = self.steps * self.batch - self.rows
+        self.order = np.resize(order, self.rows + padding)  # repeats the order from its start
+        self.weight = np.concatenate([np.ones(self.rows), np.zeros(padding)]).astype("float32")
+
+    @property
+    def num_batches(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):
+        rows = slice(index * self.batch, (index + 1) * self.batch)
+        idx = self.order[rows]
+        return {k: v[idx] for k, v in self.x.items()}, self.y[idx], self.weight[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._plan()
 
 
 class ValidationKappa(keras.callbacks.Callback):
@@ -112,13 +212,15 @@ class ValidationKappa(keras.callbacks.Callback):
         self, inputs: dict, labels: np.ndarray, batch_size: int, stage: str, log: Log, epochs: int
     ):
         super().__init__()
-        self.inputs, self.labels, self.batch_size = inputs, np.asarray(labels), batch_size
+        self.rows, self.labels = FixedBatches(inputs, batch_size), np.asarray(labels)
         self.stage, self.log, self.epochs = stage, log, epochs
-        self.rows_scored = 0
+        self.rows_scored, self.seconds = 0, 0.0
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        proba = predict_all(self.model, self.inputs, self.batch_size)
+        start = time.time()
+        proba = self.rows.predict(self.model)
+        self.seconds += time.time() - start
         self.rows_scored = len(proba)
         predicted = proba.argmax(axis=1)
         logs[KAPPA] = quadratic_kappa(self.labels, predicted)
@@ -141,6 +243,23 @@ class EpochLog(keras.callbacks.Callback):
         self.log(
             f"  {self.stage} epoch {epoch + 1}/{self.epochs}: loss {(logs or {}).get('loss', 0):.4f}"
         )
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch's training steps (first in the callback list, so validation
+    scoring is not counted; Keras reads the epoch's loss back before the callbacks run, so the
+    device has finished the epoch's steps). The first epoch includes building (and compiling)
+    the train step."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.time() - self._start)
 
 
 @dataclass(frozen=True)
@@ -169,6 +288,9 @@ class FitSettings:
     min_steps_per_epoch: int = 3
     focal_gamma: float = 2.0
     patience: int = 5
+    jit_compile: str = "auto"  # auto (Keras's choice) | compiled | eager: see Config
+    predict_batch_size: int = 256
+    seed: int = 0  # the batch order's
 
     @classmethod
     def for_stage(cls, config: Config, stage: str, epochs: int | None = None) -> FitSettings:
@@ -182,7 +304,13 @@ class FitSettings:
             min_steps_per_epoch=config.health_min_steps_per_epoch,
             focal_gamma=config.focal_gamma,
             patience=config.early_stopping_patience,
+            jit_compile=config.jit_compile,
+            predict_batch_size=config.predict_batch_size,
+            seed=config.seed,
         )
+
+
+JIT_COMPILE = {"auto": "auto", "compiled": True, "eager": False}
 
 
 def _fit(
@@ -193,13 +321,20 @@ def _fit(
     batch = effective_batch_size(
         train_rows, settings.batch_size, settings.min_steps_per_epoch, settings.clip_batch_size
     )
-    steps = math.ceil(train_rows / batch)
+    train = EpochBatches(
+        on_device(data.x_train),
+        on_device({"y": one_hot(data.y_train)})["y"],
+        batch,
+        (settings.seed, zlib.crc32(stage.encode())),
+    )
+    steps = train.steps
     epochs = settings.epochs
     model.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss=keras.losses.CategoricalFocalCrossentropy(
-            alpha=list(alpha), gamma=settings.focal_gamma
+            alpha=list(alpha), gamma=settings.focal_gamma, reduction="mean_with_sample_weight"
         ),
+        jit_compile=JIT_COMPILE[settings.jit_compile],
     )
     params = models.count_trainable_params(model)
     log(
@@ -207,11 +342,18 @@ def _fit(
         f"{params:,} trainable parameters, lr {settings.learning_rate:g}, alpha "
         f"[{', '.join(f'{a:.3f}' for a in alpha)}]"
     )
+    timer = EpochTimer()
     if data.has_val:
         kappa = ValidationKappa(
-            data.x_val, data.y_val, batch_size=max(batch, 64), stage=stage, log=log, epochs=epochs
+            on_device(data.x_val),
+            data.y_val,
+            batch_size=settings.predict_batch_size,
+            stage=stage,
+            log=log,
+            epochs=epochs,
         )
         callbacks = [
+            timer,
             kappa,
             keras.callbacks.EarlyStopping(
                 monitor=KAPPA,
@@ -222,16 +364,9 @@ def _fit(
             ),
         ]
     else:
-        callbacks = [EpochLog(stage, log, epochs)]
-    fitted = model.fit(
-        data.x_train,
-        one_hot(data.y_train),
-        batch_size=batch,
-        epochs=epochs,
-        shuffle=True,
-        verbose=0,
-        callbacks=callbacks,
-    )
+        callbacks = [timer, EpochLog(stage, log, epochs)]
+    # The batches are already in a new order every epoch (EpochBatches): Keras must not reorder.
+    fitted = model.fit(train, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
     history = {k: [float(v) for v in values] for k, values in fitted.history.items()}
     epochs_run = len(history.get("loss", []))
     if data.has_val:
@@ -256,7 +391,44 @@ def _fit(
         val_rows_scored=rows_scored,
         epochs_run=epochs_run,
         seconds=time.time() - start,
+        extra={
+            # Speed figures (bench/gpu_stages.py): the first epoch includes building the step.
+            "epoch_train_seconds": [round(t, 3) for t in timer.seconds],
+            "jit_compile": bool(model.jit_compile),  # what Keras resolved "auto" to
+            "validation_seconds": round(kappa.seconds, 3) if data.has_val else 0.0,
+        },
     )
+
+
+def seed_everything(seed: int, model: keras.Model | None = None) -> None:
+    """Make a stage repeatable: seed Python, NumPy and the backend, ask the backend for
+    deterministic kernels, and (given a ``model``) restart the random generators its layers own.
+
+    A model loaded from a file (Stage 2 loads Stage 1's) brings Dropout generators seeded when it
+    was loaded, before any seed was set: without the restart, two identical runs dropped
+    different units from Stage 2's first step on.
+    """
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    if model is not None:
+        generators = [g for layer in _all_layers(model) for g in _seed_generators(layer)]
+        states = np.random.default_rng(seed).integers(1, 2**30, size=len(generators))
+        for generator, state in zip(generators, states):
+            generator.state.assign(np.array([state, 0], dtype=generator.state.dtype))
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _seed_generators(layer) -> list:
+    return [v for v in vars(layer).values() if isinstance(v, keras.random.SeedGenerator)]
 
 
 def _print(message: str) -> None:
@@ -275,9 +447,10 @@ def pretrain_image_encoder(
     default, low learning rate, kappa-monitored). ``data`` holds that modality's images only.
     ``result.model`` is the image model; :func:`encoder_of` gives its encoder (everything but the
     ``output`` layer)."""
-    keras.utils.set_random_seed(config.seed)
-    encoder = models.build_image_encoder(modality, models.EncoderSpec.from_config(config))
-    model = models.build_image_model(encoder, modality)
+    seed_everything(config.seed)
+    with models.precision(config.mixed_precision):
+        encoder = models.build_image_encoder(modality, models.EncoderSpec.from_config(config))
+        model = models.build_image_model(encoder, modality)
     settings = FitSettings.for_stage(config, "pretrain", epochs)
     return _fit(f"pretrain[{modality}]", model, data, alpha, settings, log)
 
@@ -287,7 +460,63 @@ def encoder_of(image_model: keras.Model, modality: str) -> keras.Model:
 
 
 def build_fusion_for(config: Config) -> keras.Model:
-    return models.build_fusion_model(models.FusionSpec.from_config(config))
+    with models.precision(config.mixed_precision):
+        return models.build_fusion_model(models.FusionSpec.from_config(config))
+
+
+def backbone_features(model: keras.Model, modalities, inputs: dict, batch_size: int) -> dict:
+    """Each modality's images replaced by its backbone's output (inference mode: BatchNorm uses
+    its moving statistics), the other inputs kept: what the Stage 1 head trains on."""
+    out = {k: v for k, v in inputs.items() if k not in map(models.image_input_name, modalities)}
+    for modality in modalities:
+        images = {"images": inputs[models.image_input_name(modality)]}
+        features = FixedBatches(images, batch_size).predict(models.backbone_of(model, modality))
+        out[models.feature_input_name(modality)] = features
+    return out
+
+
+def _fit_on_cached_features(
+    model: keras.Model, data: StageData, alpha, settings: FitSettings, config: Config, log: Log
+) -> StageResult:
+    """Stage 1 as one forward pass of the frozen backbones plus a fit of the layers above them.
+
+    With the backbones frozen and no augmentation, their output per image is fixed for the whole
+    stage, so the head (:func:`models.build_stage1_head`, sharing the fusion model's layers) is
+    trained on it instead of running the backbones every step. The result is the fusion model,
+    compiled with the head's optimizer and loss, as a Stage 1 on images would leave it.
+    """
+    modalities = config.image_modalities
+    start = time.time()
+    batch = settings.predict_batch_size
+    cached = StageData(
+        backbone_features(model, modalities, on_device(data.x_train), batch),
+        data.y_train,
+        backbone_features(model, modalities, on_device(data.x_val), batch)
+        if data.has_val
+        else None,
+        data.y_val,
+    )
+    feature_seconds = time.time() - start
+    head = models.build_stage1_head(model, modalities)
+    result = _fit("stage1", head, cached, alpha, settings, log)
+    model.compile(optimizer=head.optimizer, loss=head.loss)
+    # The verdict's figure is the fusion model's (RC3); the head trains exactly those weights.
+    params = models.count_trainable_params(model)
+    if params != result.trainable_params:
+        raise RuntimeError(
+            f"the Stage 1 head trains {result.trainable_params} parameters, the fusion model "
+            f"has {params} trainable: they must be the same weights"
+        )
+    result.model = model
+    result.seconds = time.time() - start
+    result.extra.update(
+        {"stage1_inputs": "cached_backbone_features", "feature_seconds": round(feature_seconds, 3)}
+    )
+    log(
+        f"stage1: backbone features of {len(data.y_train)} + "
+        f"{len(data.y_val) if data.has_val else 0} rows computed once in {feature_seconds:.1f} s"
+    )
+    return result
 
 
 def train_stage1(
@@ -301,9 +530,12 @@ def train_stage1(
     """Stage 1: the fusion model with pre-trained encoders loaded and the backbone frozen.
 
     Only the backbone is frozen by default (RC3: freezing the whole encoder left about 195
-    trainable parameters); ``stage1_freeze=encoder`` freezes the encoder's head too.
+    trainable parameters); ``stage1_freeze=encoder`` freezes the encoder's head too. Either way
+    the frozen backbones run once, on every row, and the layers above them train on their cached
+    output (``stage1_cached_features``, :func:`_fit_on_cached_features`); ``false`` runs them on
+    every step, as before.
     """
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)
     model = build_fusion_for(config)
     modalities = config.image_modalities
     for modality, directory in (encoder_dirs or {}).items():
@@ -314,7 +546,11 @@ def train_stage1(
     else:
         models.set_backbone_trainable(model, modalities, False)
     settings = FitSettings.for_stage(config, "stage1", epochs)
-    result = _fit("stage1", model, data, alpha, settings, log)
+    if config.stage1_cached_features:
+        result = _fit_on_cached_features(model, data, alpha, settings, config, log)
+    else:
+        result = _fit("stage1", model, data, alpha, settings, log)
+        result.extra["stage1_inputs"] = "images"
     result.extra.update(fusion_summary(model))
     return result
 
@@ -329,8 +565,8 @@ def train_stage2(
 ) -> StageResult:
     """Stage 2: unfreeze the top of each backbone (BatchNorm stays frozen), fine-tune at a low
     rate (RC4: 1e-5, not 1e-6), and keep Stage 1's weights when Stage 2 does not improve."""
-    keras.utils.set_random_seed(config.seed + 1)
     model = stage1.model
+    seed_everything(config.seed + 1, model)
     stage1_weights = model.get_weights()
     models.unfreeze_top_of_backbones(
         model, config.image_modalities, config.stage2_unfreeze_fraction
@@ -344,7 +580,7 @@ def train_stage2(
     # The kappa of the weights actually returned, measured, not assumed (the study logged "kept
     # Stage 1" while using Stage 2's weights).
     if has_val:
-        result.val_proba = predict_all(model, data.x_val, 256)
+        result.val_proba = predict_all(model, data.x_val, settings.predict_batch_size)
     final_kappa = (
         quadratic_kappa(data.y_val, result.val_proba.argmax(1)) if has_val else float("nan")
     )
