@@ -43,7 +43,7 @@ WOUND_SCORE = "Wound Score"
 ONSET_DAYS = "Onset (Days)"
 
 # Text-coded columns whose values map onto a fixed ordinal scale (the header's own numbering).
-# Matching is case-insensitive; an unseen value becomes missing and is imputed, never a crash.
+# Matching is case-insensitive; an unseen value becomes missing (never a crash).
 ORDINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     SEX: ("f", "m"),
     SIDE: ("left", "right"),
@@ -63,7 +63,8 @@ PAIN_GROUPS = (
     "localizedpain",
     "specifictimes",
 )
-# Nominal text columns, one-hot encoded against these fixed lists (unseen -> all zeros).
+# Nominal text columns, one-hot encoded against these fixed lists plus a "missing" column (an
+# unseen value is missing).
 NOMINAL_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "Foot Aspect": ("plantar", "dorsal", "lateral", "medial"),
     "Type of Pain Grouped": PAIN_GROUPS,
