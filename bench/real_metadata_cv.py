@@ -40,13 +40,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the fold blocks import Keras
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dfu_ml.config import load_config  # noqa: E402
-from dfu_ml.data.prepare import prepare_dataset  # noqa: E402
-from dfu_ml.data.schema import CLASS_NAMES, NUM_CLASSES  # noqa: E402
-from dfu_ml.training.clinical_rf import ClinicalModel, ClinicalModelSpec  # noqa: E402
-from dfu_ml.training.fold import fold_predictions, fold_rf, plan_fold, training_rows  # noqa: E402
+from dfu_ml.config import load_config
+from dfu_ml.data.prepare import prepare_dataset
+from dfu_ml.data.schema import CLASS_NAMES, NUM_CLASSES
+from dfu_ml.training.clinical_rf import ClinicalModel, ClinicalModelSpec
+from dfu_ml.training.fold import fold_predictions, fold_rf, plan_fold, training_rows
 
 HEADLINE = ("quadratic_kappa", "accuracy", "macro_f1")
 METRICS = (*HEADLINE, *(f"f1_{c}" for c in CLASS_NAMES))

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_data import REAL_DEV, with_permuted_labels
 from sklearn.model_selection import KFold
 
 from dfu_ml.config import load_config
@@ -25,7 +26,6 @@ from dfu_ml.training.clinical_rf import (
 )
 from dfu_ml.training.fold import fold_predictions, fold_rf, plan_fold, training_rows
 from dfu_ml.training.metrics import quadratic_kappa
-from fixtures_data import REAL_DEV, with_permuted_labels
 
 FEATURES = schema.NUMERIC_FEATURE_COLUMNS[:8]
 SPEC = ClinicalModelSpec(n_estimators=40, inner_folds=3, seed=0)

@@ -7,17 +7,17 @@ import hashlib
 import json
 
 import pytest
+from csv_helpers import csv_rows
+from fixtures_data import smoke_config
 
 from components.clinical_rf import run_clinical_rf
 from components.common import PLAN_FILE, write_json
 from components.evaluate import run_evaluate
-from csv_helpers import csv_rows
 from dfu_ml.bundle import CLINICAL_MODEL_FILE, assemble_bundle, load_bundle
 from dfu_ml.data import schema
 from dfu_ml.data.prepare import prepare_for_config, save_prepared
 from dfu_ml.predict import predict_folder
 from dfu_ml.training.fold import plan_fold
-from fixtures_data import smoke_config
 from pipelines.cli import main as cli_main
 
 HEADLINE = ("quadratic_kappa", "accuracy", "macro_f1")
@@ -99,7 +99,7 @@ def test_predict_warns_once_per_unseen_category_value(fold_bundle, synthetic_dir
         return row
 
     folder = root / "val_unseen"
-    keep = lambda r: int(r[schema.PATIENT_COLUMN]) in validation  # noqa: E731
+    keep = lambda r: int(r[schema.PATIENT_COLUMN]) in validation
     _write_clinical(synthetic_dir, folder, keep, odd_sex)
     warnings = []
     table, _ = predict_folder(root / "bundle", folder, warn=warnings.append)
