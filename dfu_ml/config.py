@@ -105,7 +105,8 @@ class Config:
     mixed_precision: str = "none"  # none | mixed_bfloat16 | mixed_float16 (GPU profiles: bf16)
     # auto: Keras's choice (XLA on TensorFlow with a GPU and on JAX; eager on torch and on CPU,
     # where XLA was ~7x slower). compiled: XLA, or torch.compile on torch. eager: neither.
-    # Measure before choosing (bench/gpu_stages.py).
+    # Measure before choosing (bench/gpu_stages.py). On TensorFlow XLA excludes deterministic
+    # kernels, so compiled runs there are repeatable to float tolerance only.
     jit_compile: str = "auto"
     predict_batch_size: int = 256  # validation/feature batches: as large as memory allows
     stage1_cached_features: bool = True  # Stage 1 trains on the frozen backbones' cached output

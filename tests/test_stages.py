@@ -403,13 +403,15 @@ def test_cached_stage1_trains_the_same_model_as_stage1_on_images(fold_data, trai
 def test_compiled_steps_train_what_eager_steps_train(fold_data, trained):
     """jit_compile=compiled (XLA here on TensorFlow) changes how Stage 1's steps run, not what
     they compute: the same weights as eager steps to float tolerance (without Dropout, whose
-    random numbers XLA may draw differently)."""
+    random numbers XLA may draw differently). An eager stage runs first, as in a whole suite: its
+    deterministic kernels must not silently turn the compiled stage eager (Keras on TensorFlow
+    refuses XLA while op determinism is on)."""
     dataset, config, plan, rf_proba = fold_data
     config = config.replace(stage1_epochs=2, dropout=0.0)
     enc = {MODALITY: trained["enc_dir"]}
     runs = {
         mode: run_stage1(dataset, config.replace(jit_compile=mode), plan, rf_proba, enc, log=quiet)
-        for mode in ("compiled", "eager")
+        for mode in ("eager", "compiled")
     }
     assert runs["compiled"].extra["jit_compile"] is True
     assert runs["eager"].extra["jit_compile"] is False

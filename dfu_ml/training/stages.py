@@ -400,9 +400,13 @@ def _fit(
     )
 
 
-def seed_everything(seed: int, model: keras.Model | None = None) -> None:
+def seed_everything(seed: int, model: keras.Model | None = None, jit_compile: str = "auto") -> None:
     """Make a stage repeatable: seed Python, NumPy and the backend, ask the backend for
     deterministic kernels, and (given a ``model``) restart the random generators its layers own.
+
+    On TensorFlow, deterministic kernels and XLA exclude each other (Keras quietly runs eager
+    when both are asked for), so ``jit_compile="compiled"`` keeps XLA and gives up the
+    deterministic-kernel guarantee; ``auto`` and ``eager`` keep determinism.
 
     A model loaded from a file (Stage 2 loads Stage 1's) brings Dropout generators seeded when it
     was loaded, before any seed was set: without the restart, two identical runs dropped
@@ -410,9 +414,12 @@ def seed_everything(seed: int, model: keras.Model | None = None) -> None:
     """
     keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        from tensorflow.python.framework import config as tf_config
 
-        tf.config.experimental.enable_op_determinism()
+        if jit_compile == "compiled":
+            tf_config.disable_op_determinism()
+        else:
+            tf_config.enable_op_determinism()
     if model is not None:
         generators = [g for layer in _all_layers(model) for g in _seed_generators(layer)]
         states = np.random.default_rng(seed).integers(1, 2**30, size=len(generators))
@@ -447,7 +454,7 @@ def pretrain_image_encoder(
     default, low learning rate, kappa-monitored). ``data`` holds that modality's images only.
     ``result.model`` is the image model; :func:`encoder_of` gives its encoder (everything but the
     ``output`` layer)."""
-    seed_everything(config.seed)
+    seed_everything(config.seed, jit_compile=config.jit_compile)
     with models.precision(config.mixed_precision):
         encoder = models.build_image_encoder(modality, models.EncoderSpec.from_config(config))
         model = models.build_image_model(encoder, modality)
@@ -535,7 +542,7 @@ def train_stage1(
     output (``stage1_cached_features``, :func:`_fit_on_cached_features`); ``false`` runs them on
     every step, as before.
     """
-    seed_everything(config.seed)
+    seed_everything(config.seed, jit_compile=config.jit_compile)
     model = build_fusion_for(config)
     modalities = config.image_modalities
     for modality, directory in (encoder_dirs or {}).items():
@@ -566,7 +573,7 @@ def train_stage2(
     """Stage 2: unfreeze the top of each backbone (BatchNorm stays frozen), fine-tune at a low
     rate (RC4: 1e-5, not 1e-6), and keep Stage 1's weights when Stage 2 does not improve."""
     model = stage1.model
-    seed_everything(config.seed + 1, model)
+    seed_everything(config.seed + 1, model, config.jit_compile)
     stage1_weights = model.get_weights()
     models.unfreeze_top_of_backbones(
         model, config.image_modalities, config.stage2_unfreeze_fraction
