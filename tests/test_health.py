@@ -90,13 +90,38 @@ def test_a_stage1_that_stopped_learning_at_epoch_1_fails(curves):
     assert not verdict["passed"]
 
 
+# Stage 2 at the study's 1e-6 (RC4): it stays where Stage 1's best epoch left it (LEARNING's
+# epoch 4: loss 0.30, kappa 0.66).
+STUCK_STAGE2 = {"loss": [0.300, 0.299], KAPPA: [0.66, 0.66]}
+
+
 def test_a_used_stage2_that_stopped_learning_fails_but_a_discarded_one_does_not():
     stuck = fold(LEARNING, stage2_kept=False)
-    stuck["stage2"]["history"] = {"loss": [0.2, 0.2], KAPPA: [0.5, 0.5]}
+    stuck["stage2"]["history"] = STUCK_STAGE2
     assert not checks(health_verdict([stuck], CONFIG, 0.6))["no_stage_restores_epoch_1"]["passed"]
     kept = fold(LEARNING, stage2_kept=True)
-    kept["stage2"]["history"] = {"loss": [0.2, 0.2], KAPPA: [0.5, 0.5]}
+    kept["stage2"]["history"] = STUCK_STAGE2
     assert checks(health_verdict([kept], CONFIG, 0.6))["no_stage_restores_epoch_1"]["passed"]
+
+
+def test_a_stage2_whose_first_epoch_improved_on_stage1_is_learning():
+    """Stage 2 starts from Stage 1's best weights: a first epoch that lowered the loss from there
+    and beat Stage 1's kappa learned, even if later epochs did not (seed 42, fold 2 of the test
+    dataset); measured from its own first epoch it looked stuck."""
+    stage1 = stage(
+        "stage1",
+        [0.4594, 0.2892, 0.2422, 0.2149, 0.2033, 0.1848, 0.1746, 0.1725],
+        [0.5155, 0.5987, 0.6085, 0.6629, 0.7239, 0.7676, 0.7729, 0.7767],
+    )
+    stage2 = stage("stage2", [0.1558, 0.1644, 0.1536, 0.169], [0.7873, 0.7746, 0.7658, 0.7606])
+    drop = CONFIG.health_min_loss_drop
+    assert stopped_learning(stage2, drop)  # judged alone: its loss never fell 5% below epoch 1
+    assert not stopped_learning(stage2, drop, start=stage1)
+    improved = fold(LEARNING, stage2_kept=False)
+    improved["stage1"], improved["stage2"] = stage1, {**improved["stage2"], **stage2}
+    by_name = checks(health_verdict([improved], CONFIG, 0.78))
+    assert by_name["no_stage_restores_epoch_1"]["passed"]
+    assert "(0, 'stage2')" in by_name["no_stage_restores_epoch_1"]["detail"]  # an early peak
 
 
 def test_the_loss_drop_threshold_is_configurable():

@@ -20,18 +20,20 @@ def _check(name: str, passed: bool, figure, detail: str) -> dict:
     return {"check": name, "passed": bool(passed), "figure": figure, "detail": detail}
 
 
-def _used_stages(fold: dict) -> list[dict]:
-    """Stages whose weights end up in the fold's model (Stage 2's only if it was used)."""
-    stages = list(fold.get("pretrain", {}).values())
+def _used_stages(fold: dict) -> list[tuple[dict, dict | None]]:
+    """Stages whose weights end up in the fold's model (Stage 2's only if it was used), each
+    with the stage it continued from (Stage 2 starts from Stage 1's weights; the others from
+    scratch or from another stage's encoders: ``None``)."""
+    stages = [(s, None) for s in fold.get("pretrain", {}).values()]
     if fold.get("stage1"):
-        stages.append(fold["stage1"])
+        stages.append((fold["stage1"], None))
     stage2 = fold.get("stage2")
     if stage2 and not stage2.get("kept_stage1_weights"):
-        stages.append(stage2)
+        stages.append((stage2, fold.get("stage1")))
     return stages
 
 
-def stopped_learning(stage: dict, min_loss_drop: float) -> bool:
+def stopped_learning(stage: dict, min_loss_drop: float, start: dict | None = None) -> bool:
     """Whether a stage whose best epoch is 1 stopped learning (the study's failure) rather than
     peaked early.
 
@@ -41,11 +43,19 @@ def stopped_learning(stage: dict, min_loss_drop: float) -> bool:
     loss while validation kappa, which did move, falls from an epoch-1 peak is learning, and
     keeping its epoch-1 weights is early stopping doing its job, provided that peak is above
     chance (kappa > 0).
+
+    ``start`` is the summary of the stage this one continued from (Stage 1 for Stage 2): where
+    the stage started counts as its epoch 0, so a fine-tuning whose first epoch already lowered
+    the loss and moved kappa from Stage 1's best is learning, while Stage 2 at the study's 1e-6
+    (RC4) stays where Stage 1 left it.
     """
     if stage["best_epoch"] != 1 or stage["epochs_run"] <= 1:
         return False
     history = stage.get("history", {})
-    loss, kappa = history.get("loss", []), history.get(KAPPA, [])
+    loss, kappa = list(history.get("loss", [])), list(history.get(KAPPA, []))
+    if start is not None and start.get("history", {}).get("loss"):
+        loss.insert(0, start["history"]["loss"][start["best_epoch"] - 1])
+        kappa.insert(0, start["best_val_kappa"])
     if len(loss) < 2 or not kappa or loss[0] <= 0:
         return True
     loss_drop = (loss[0] - min(loss[1:])) / loss[0]
@@ -54,11 +64,15 @@ def stopped_learning(stage: dict, min_loss_drop: float) -> bool:
     return loss_drop < min_loss_drop or flat or max(kappa) <= 0
 
 
-def _early_peaks(stages: list[tuple[int, dict]], min_loss_drop: float) -> list:
+def _early_peaks(stages: list[tuple], min_loss_drop: float) -> list:
+    """(fold, stage name) of the stages that returned epoch-1 weights but kept learning;
+    ``stages`` holds (fold, summary, the summary it started from or None)."""
     return [
         (fold, s["stage"])
-        for fold, s in stages
-        if s["best_epoch"] == 1 and s["epochs_run"] > 1 and not stopped_learning(s, min_loss_drop)
+        for fold, s, start in stages
+        if s["best_epoch"] == 1
+        and s["epochs_run"] > 1
+        and not stopped_learning(s, min_loss_drop, start)
     ]
 
 
@@ -96,13 +110,13 @@ def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict
             )
         )
         drop = config.health_min_loss_drop
-        stage1 = [(f["fold"], f["stage1"]) for f in folds]
+        stage1 = [(f["fold"], f["stage1"], None) for f in folds]
         peaks = _early_peaks(stage1, drop)
         checks.append(
             _check(
                 "stage1_best_epoch_after_1",
-                not [fold for fold, s in stage1 if stopped_learning(s, drop)],
-                min(s["best_epoch"] for _, s in stage1),
+                not [fold for fold, s, _ in stage1 if stopped_learning(s, drop)],
+                min(s["best_epoch"] for _, s, _ in stage1),
                 "smallest Stage 1 best epoch; epoch 1 passes only as an early peak of a stage "
                 f"that kept learning (training loss down >= {drop:.0%}, validation kappa moved)"
                 + (f"; early peaks: {peaks}" if peaks else ""),
@@ -122,8 +136,8 @@ def health_verdict(folds: list[dict], config: Config, mean_kappa: float) -> dict
                 "Stage 2 improved on Stage 1, or Stage 1's weights were kept and reported",
             )
         )
-        used = [(f["fold"], s) for f in folds for s in _used_stages(f)]
-        stuck = [(fold, s["stage"]) for fold, s in used if stopped_learning(s, drop)]
+        used = [(f["fold"], s, start) for f in folds for s, start in _used_stages(f)]
+        stuck = [(fold, s["stage"]) for fold, s, start in used if stopped_learning(s, drop, start)]
         peaks = _early_peaks(used, drop)
         checks.append(
             _check(
