@@ -1,46 +1,38 @@
-"""Step ``clinical_rf``: fold -> random-forest probabilities (out-of-fold for training visits)."""
+"""Step ``clinical_rf``: fold -> the fitted clinical model (one pipeline file) and its per-visit
+probabilities (out-of-fold for training visits where a fusion trains on them)."""
 
 from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Output
 
-from components.common import (
-    FOLD_RESULT_FILE,
-    PLAN_FILE,
-    RF_FOREST_FILE,
-    RF_PROBA_FILE,
-    RF_TRANSFORMER_FILE,
-    cli,
-    read_json,
-    write_json,
-)
+from components.common import FOLD_RESULT_FILE, PLAN_FILE, RF_PROBA_FILE, cli, read_json, write_json
 from dfu_ml.config import Config
 
 
 def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) -> dict:
-    """Write per-visit probabilities, the fitted forest and its feature transformer into ``out``."""
-    import joblib
+    """Write per-visit probabilities and the fitted clinical pipeline (features and model, one
+    file) into ``out``."""
     import numpy as np
 
     from dfu_ml.data.prepare import load_prepared
+    from dfu_ml.training.clinical_rf import save_clinical_model
     from dfu_ml.training.fold import fold_predictions, fold_rf
 
     dataset = load_prepared(prepared)
     plan = read_json(Path(fold_plan) / PLAN_FILE)
-    proba, forest = fold_rf(dataset, config, plan)
+    proba, model = fold_rf(dataset, config, plan)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / RF_PROBA_FILE, proba)
-    joblib.dump(forest.forest, out / RF_FOREST_FILE)
-    (out / RF_TRANSFORMER_FILE).write_text(forest.transformer.to_json())
-    # The RF-only predictions are the fold's result in a metadata-only run, and the baseline the
-    # fusion is compared with otherwise.
-    result = {"fold": plan["fold"], "pretrain": {}}
+    save_clinical_model(model, out)
+    # The clinical model's predictions are the fold's result in a metadata-only run, and the
+    # baseline the fusion is compared with otherwise.
+    result = {"fold": plan["fold"], "pretrain": {}, "clinical_columns": model.columns_used}
     if plan["val_rows"]:
         result.update(fold_predictions(dataset, config, plan, proba))
         print(
-            f"clinical RF, fold {plan['fold']}: validation quadratic kappa "
-            f"{result['metrics']['per_row']['quadratic_kappa']:.4f}",
+            f"clinical model ({config.clinical_model}), fold {plan['fold']}: validation "
+            f"quadratic kappa {result['metrics']['per_row']['quadratic_kappa']:.4f}",
             flush=True,
         )
     write_json(out / FOLD_RESULT_FILE, result)
@@ -50,14 +42,15 @@ def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) 
 def clinical_forest(
     prepared: Input[Dataset], fold_plan: Input[Dataset], config: Input[Dataset], rf: Output[Dataset]
 ):
-    """Fit the clinical random forest on the fold's training visits: out-of-fold probabilities for
-    training visits (inner CV grouped by patient), forest probabilities for validation visits.
+    """Fit the clinical model (feature pipeline and estimator) on the fold's training visits:
+    probabilities for validation visits, and out-of-fold probabilities for training visits (inner
+    CV grouped by patient) where a fusion trains on them.
 
     Args:
         prepared: the prepared dataset.
         fold_plan: the fold plan from resample_alpha.
         config: the run's resolved configuration (config.json).
-        rf: probabilities, forest and feature transformer.
+        rf: probabilities and the fitted clinical pipeline (clinical_model.joblib).
     """
     from pathlib import Path
 

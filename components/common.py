@@ -17,8 +17,6 @@ from dfu_ml.errors import DfuError
 
 PLAN_FILE = "fold_plan.json"
 RF_PROBA_FILE = "rf_proba.npy"
-RF_FOREST_FILE = "forest.joblib"
-RF_TRANSFORMER_FILE = "transformer.json"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.keras"
 FOLD_RESULT_FILE = "fold_result.json"

@@ -1,13 +1,14 @@
 """The final model bundle: what ``publish`` pushes and ``predict`` loads.
 
-A folder with the fusion model (image runs), the clinical model, the configuration, the
-evaluation summary and report, and a manifest whose ``model_id`` is a digest of the training
-configuration, the code version and the prepared data's content: the same experiment on the same
-data with the same code gets the same id wherever it runs, and anything else gets another, so a
-published model is never overwritten by a different one.
+A folder with the fusion model (image runs), the fitted clinical pipeline (features and model,
+one file), the configuration, the evaluation summary and report, and a manifest whose
+``model_id`` is a digest of the training configuration, the code version and the prepared data's
+content: the same experiment on the same data with the same code gets the same id wherever it
+runs, and anything else gets another, so a published model is never overwritten by a different
+one.
 
 The manifest also lists every other file of the bundle with its size and SHA-256, and
-``load_bundle`` checks them all before it loads anything: the clinical model is a pickle, which
+``load_bundle`` checks them all before it loads anything: the clinical pipeline is a pickle, which
 runs code when it is loaded, so a changed, truncated or added-in file is refused first. The
 SHA-256 of ``manifest.json`` itself (the *bundle digest*) pins every file at once: ``publish``
 prints it, and ``load_bundle(..., expected_digest=...)`` refuses any other bundle.
@@ -29,8 +30,7 @@ from dfu_ml.storage import FileEntry
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"
-FOREST_FILE = "forest.joblib"
-TRANSFORMER_FILE = "transformer.json"
+CLINICAL_MODEL_FILE = "clinical_model.joblib"
 CONFIG_FILE = "config.json"
 
 
@@ -54,8 +54,7 @@ def assemble_bundle(
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(rf_dir / FOREST_FILE, out / FOREST_FILE)
-    shutil.copyfile(rf_dir / TRANSFORMER_FILE, out / TRANSFORMER_FILE)
+    shutil.copyfile(rf_dir / CLINICAL_MODEL_FILE, out / CLINICAL_MODEL_FILE)
     if config.image_modalities:
         if model_dir is None or not (Path(model_dir) / MODEL_FILE).is_file():
             raise DataError("an image run's bundle needs the final fusion model (model.keras)")
@@ -158,8 +157,7 @@ def _check_bundle_file(folder: Path, name: str, expected: FileEntry) -> None:
 class Bundle:
     config: Config
     manifest: dict
-    forest: object
-    transformer: object
+    clinical_model: object  # dfu_ml.training.clinical_rf.ClinicalModel
     model: object | None
 
 
@@ -167,7 +165,7 @@ def load_bundle(folder: Path, expected_digest: str = "") -> Bundle:
     """Verify the bundle (``verify_bundle``), then load it; only files it lists are opened."""
     import joblib
 
-    from dfu_ml.features import ClinicalFeatureTransformer
+    from dfu_ml.training.clinical_rf import ClinicalModel
 
     folder = Path(folder)
     manifest = verify_bundle(folder, expected_digest)
@@ -191,7 +189,6 @@ def load_bundle(folder: Path, expected_digest: str = "") -> Bundle:
     return Bundle(
         config,
         manifest,
-        joblib.load(verified(FOREST_FILE)),
-        ClinicalFeatureTransformer.from_json(verified(TRANSFORMER_FILE).read_text()),
+        ClinicalModel(joblib.load(verified(CLINICAL_MODEL_FILE))),
         model,
     )

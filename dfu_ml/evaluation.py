@@ -12,6 +12,7 @@ import numpy as np
 
 from dfu_ml.config import Config
 from dfu_ml.data.schema import CLASS_NAMES
+from dfu_ml.training.clinical_rf import ClinicalModelSpec
 from dfu_ml.training.health import format_verdict, health_verdict
 from dfu_ml.training.metrics import KAPPA, mean_std
 
@@ -100,6 +101,7 @@ def summarize_folds(folds: list[dict], config: Config) -> dict:
         "health": verdict,
         "blessed": bool(verdict["passed"]),
         "final_fit_epochs": final_fit_epochs(folds, config),
+        "clinical_model": ClinicalModelSpec.from_config(config).describe(),
         "config": config.to_dict(),
     }
 

@@ -1,101 +1,186 @@
-"""Clinical features: fixed category lists, leaky and identifier columns dropped, imputation and
-scaling fitted on training rows only.
+"""Clinical features as one scikit-learn pipeline: the column policy, fixed category lists, and
+missing values kept missing.
 
-The encoders never look at the data to decide categories (the lists live in ``schema``), so a
-split that lacks a category encodes exactly like one that has it, and an unseen value at inference
-becomes missing (ordinal) or all-zero (one-hot) instead of an error.
+Which columns reach the model is the column policy (``ClinicalColumns``, groups in
+``dfu_ml.data.schema``): measured columns always, the columns decided after the assessment only
+with ``clinical_include_leak_suspect``, never identifiers, label-derived or free-text columns.
+
+The pipeline has two steps and learns nothing that a split could change: category lists are fixed
+in the schema, so a split that lacks a category encodes exactly like one that has it.
+
+1. ``ClinicalFrame`` takes the policy's columns from a visits frame (a column absent from the CSV
+   is missing everywhere), numbers as floats, text normalised (" Left" -> "left"), and a text value
+   outside the fixed list becomes missing (``unseen_category_values`` names them for a warning).
+2. A ``ColumnTransformer``: numbers pass through, ordinal text becomes its header's numbering,
+   nominal text is one-hot encoded against the fixed list plus a "missing" column.
+
+Missing values stay missing (NaN, or the "missing" one-hot column): every clinical model here
+takes NaN natively, so nothing is imputed, and nothing is scaled (trees do not need it). Median
+imputation erased information: "Exudate Appearance" is missing for 21 % of the real visits and 40 %
+of those are remodelling against 5 % where it is present; imputed, a missing value read as
+"haemoserous" (docs/RESULTS.md measures what keeping it costs or gains).
 """
 
 from __future__ import annotations
 
-import json
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.compose import ColumnTransformer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
 from dfu_ml.data import schema
 
+MISSING = "missing"
 
-def _normalise_text(series: pd.Series) -> pd.Series:
+
+@dataclass(frozen=True)
+class ClinicalColumns:
+    """The raw clinical columns a model uses, by encoding, under one column policy."""
+
+    numeric: tuple[str, ...]
+    ordinal: tuple[str, ...]
+    nominal: tuple[str, ...]
+    include_leak_suspect: bool = False
+
+    @classmethod
+    def for_policy(cls, include_leak_suspect: bool = False) -> ClinicalColumns:
+        allowed = set(schema.MEASURED_COLUMNS)
+        if include_leak_suspect:
+            allowed |= set(schema.DECIDED_AFTER_ASSESSMENT_COLUMNS)
+
+        def pick(columns):
+            return tuple(c for c in columns if c in allowed)
+
+        return cls(
+            numeric=pick(schema.NUMERIC_FEATURE_COLUMNS),
+            ordinal=pick(schema.ORDINAL_TEXT_COLUMNS),
+            nominal=pick(schema.NOMINAL_TEXT_COLUMNS),
+            include_leak_suspect=include_leak_suspect,
+        )
+
+    @property
+    def used(self) -> list[str]:
+        """Every raw column that reaches the model, in CSV order."""
+        chosen = set(self.numeric + self.ordinal + self.nominal)
+        return [c for c in schema.CLINICAL_COLUMNS if c in chosen]
+
+    @property
+    def categories(self) -> dict[str, tuple[str, ...]]:
+        text = {**schema.ORDINAL_TEXT_COLUMNS, **schema.NOMINAL_TEXT_COLUMNS}
+        return {c: text[c] for c in self.ordinal + self.nominal}
+
+    def report(self) -> dict:
+        """What the data report and summary.json list: the columns used and why others are not."""
+        leak_suspect = [
+            c
+            for c in schema.LEAK_SUSPECT_COLUMNS
+            if c not in self.used and c not in schema.LABEL_DERIVED_COLUMNS
+        ]
+        return {
+            "include_leak_suspect": self.include_leak_suspect,
+            "used": self.used,
+            "excluded": {
+                "identifiers": list(schema.IDENTIFIER_COLUMNS),
+                "label_derived": list(schema.LABEL_DERIVED_COLUMNS),
+                "leak_suspect": leak_suspect,
+                "free_text": [c for c in schema.FREE_TEXT_COLUMNS if c not in leak_suspect],
+            },
+        }
+
+
+def normalise_text(series: pd.Series) -> pd.Series:
+    """Case, surrounding and inner blanks do not matter: " Haemo serous" -> "haemoserous"."""
     return series.astype("string").str.strip().str.lower().str.replace(" ", "", regex=False)
 
 
-def encode_clinical(visits: pd.DataFrame) -> pd.DataFrame:
-    """Turn raw clinical columns into numbers (NaN for missing), without fitting anything."""
-    columns = {}
-    for column in schema.NUMERIC_FEATURE_COLUMNS:
-        values = visits[column] if column in visits else pd.Series(np.nan, index=visits.index)
-        columns[column] = pd.to_numeric(values, errors="coerce").astype(float)
-    for column, categories in schema.ORDINAL_TEXT_COLUMNS.items():
-        codes = {name: float(i) for i, name in enumerate(categories)}
-        values = visits[column] if column in visits else pd.Series(pd.NA, index=visits.index)
-        columns[column] = _normalise_text(values).map(codes).astype(float)
-    for column, categories in schema.NOMINAL_TEXT_COLUMNS.items():
-        values = visits[column] if column in visits else pd.Series(pd.NA, index=visits.index)
-        text = _normalise_text(values)
-        missing = text.isna().to_numpy()
-        for category in categories:
-            hot = (text == category).fillna(False).to_numpy(dtype=float, copy=True)
-            hot[missing] = np.nan  # a missing value is missing, not "none of the categories"
-            columns[f"{column}={category}"] = hot
-    return pd.DataFrame(columns, index=visits.index)
+def _column(visits: pd.DataFrame, column: str) -> pd.Series:
+    return visits[column] if column in visits else pd.Series(np.nan, index=visits.index)
 
 
-class ClinicalFeatureTransformer:
-    """Median imputation and standard scaling, fitted on training visits only.
+class ClinicalFrame(TransformerMixin, BaseEstimator):
+    """Step 1 of the feature pipeline: the policy's columns as floats and normalised text (an
+    unseen or absent value is ``np.nan``). Stateless; parameters are plain lists and dicts."""
 
-    ``fit(train_visits)`` then ``transform(any_visits)``; columns that are entirely missing in
-    the training rows are imputed with 0 and left unscaled.
-    """
+    def __init__(self, numeric=(), categories=None):
+        self.numeric = numeric
+        self.categories = categories
 
-    def __init__(self) -> None:
-        self.columns_: list[str] | None = None
-        self.medians_: np.ndarray | None = None
-        self.means_: np.ndarray | None = None
-        self.scales_: np.ndarray | None = None
-
-    def fit(self, visits: pd.DataFrame) -> "ClinicalFeatureTransformer":
-        encoded = encode_clinical(visits)
-        values = encoded.to_numpy(dtype=float)
-        self.columns_ = list(encoded.columns)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing column is expected
-            medians = np.nanmedian(values, axis=0) if len(values) else np.zeros(values.shape[1])
-        self.medians_ = np.where(np.isnan(medians), 0.0, medians)
-        filled = np.where(np.isnan(values), self.medians_, values)
-        self.means_ = filled.mean(axis=0) if len(filled) else np.zeros(filled.shape[1])
-        scales = filled.std(axis=0) if len(filled) else np.ones(filled.shape[1])
-        self.scales_ = np.where(scales > 1e-12, scales, 1.0)
+    def fit(self, visits, y=None):
         return self
 
-    def transform(self, visits: pd.DataFrame) -> np.ndarray:
-        if self.columns_ is None:
-            raise RuntimeError("ClinicalFeatureTransformer.transform called before fit")
-        encoded = encode_clinical(visits).reindex(columns=self.columns_)
-        values = encoded.to_numpy(dtype=float)
-        filled = np.where(np.isnan(values), self.medians_, values)
-        return ((filled - self.means_) / self.scales_).astype(np.float32)
+    def transform(self, visits: pd.DataFrame) -> pd.DataFrame:
+        columns = {}
+        for column in self.numeric:
+            values = pd.to_numeric(_column(visits, column), errors="coerce")
+            columns[column] = values.astype(float)
+        for column, known in (self.categories or {}).items():
+            text = normalise_text(_column(visits, column))
+            is_known = text.isin(known).fillna(False).to_numpy(dtype=bool)
+            values = np.full(len(text), np.nan, dtype=object)
+            values[is_known] = text[is_known].to_numpy(dtype=object)
+            columns[column] = values
+        return pd.DataFrame(columns, index=visits.index)
 
-    def fit_transform(self, visits: pd.DataFrame) -> np.ndarray:
-        return self.fit(visits).transform(visits)
+    def get_feature_names_out(self, input_features=None):
+        return np.asarray([*self.numeric, *(self.categories or {})], dtype=object)
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "columns": self.columns_,
-                "medians": self.medians_.tolist(),
-                "means": self.means_.tolist(),
-                "scales": self.scales_.tolist(),
-            }
-        )
 
-    @classmethod
-    def from_json(cls, text: str) -> "ClinicalFeatureTransformer":
-        data = json.loads(text)
-        out = cls()
-        out.columns_ = data["columns"]
-        out.medians_, out.means_, out.scales_ = (
-            np.asarray(data[k]) for k in ("medians", "means", "scales")
-        )
-        return out
+def _one_hot_name(column: str, category) -> str:
+    return f"{column}={MISSING if not isinstance(category, str) else category}"
+
+
+def feature_pipeline(columns: ClinicalColumns) -> Pipeline:
+    """The unfitted feature pipeline for ``columns`` (fit it on training visits only)."""
+    categories = columns.categories
+    encode = ColumnTransformer(
+        [
+            ("measured", "passthrough", list(columns.numeric)),
+            (
+                "ordinal",
+                OrdinalEncoder(
+                    categories=[list(categories[c]) for c in columns.ordinal],
+                    handle_unknown="use_encoded_value",
+                    unknown_value=np.nan,
+                    encoded_missing_value=np.nan,
+                    dtype=float,
+                ),
+                list(columns.ordinal),
+            ),
+            (
+                "nominal",
+                OneHotEncoder(
+                    # np.nan as the last category: a missing value gets its own column.
+                    categories=[[*categories[c], np.nan] for c in columns.nominal],
+                    handle_unknown="ignore",
+                    sparse_output=False,
+                    dtype=float,
+                    feature_name_combiner=_one_hot_name,
+                ),
+                list(columns.nominal),
+            ),
+        ],
+        verbose_feature_names_out=False,
+    )
+    frame = ClinicalFrame(
+        numeric=list(columns.numeric), categories={c: list(v) for c, v in categories.items()}
+    )
+    return Pipeline([("select", frame), ("encode", encode)])
+
+
+def unseen_category_values(visits: pd.DataFrame, categories: dict) -> list[tuple]:
+    """``(column, value, visits)`` for every text value outside its column's fixed list in
+    ``categories`` (column -> known values): the model reads it as missing, and prediction warns
+    about each."""
+    out = []
+    for column, known in categories.items():
+        if column not in visits:
+            continue
+        raw = visits[column]
+        unseen = raw.notna() & ~normalise_text(raw).isin(known).fillna(False)
+        for value, count in raw[unseen].astype(str).value_counts(sort=False).items():
+            out.append((column, value, int(count)))
+    return out

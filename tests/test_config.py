@@ -187,6 +187,36 @@ def test_profile_files_only_use_known_keys():
         assert set(values) - {"extends"} <= set(cfg.FIELDS), path
 
 
+# --------------------------------------------------------------------------------------------
+# The clinical model's keys
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rf_min_samples_leaf=0", r"'rf_min_samples_leaf' must be in \[1, 1000\] \(.+\), got 0"),
+        ("rf_n_estimators=0", r"'rf_n_estimators' must be in \[1, 5000\]"),
+        ("rf_max_depth=-1", r"'rf_max_depth' must be in \[0, 1000\]"),
+        ("rf_inner_folds=1", r"'rf_inner_folds' must be in \[2, 20\]"),
+        ("clinical_model=svm", r"'clinical_model': 'svm' is not one of forest, boosting"),
+        ("clinical_include_leak_suspect=sometimes", r"'clinical_include_leak_suspect' must be"),
+        ("rf_min_samples_leaf=two", r"'rf_min_samples_leaf' must be an integer"),
+    ],
+)
+def test_clinical_model_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_a_bad_clinical_key_is_one_error_line_from_the_main_command(capsys, tmp_path):
+    from pipelines.cli import main
+
+    code = main(["run", "--out", str(tmp_path), "--set", "rf_min_samples_leaf=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error:") and "rf_min_samples_leaf" in err[0]
+
+
 @pytest.mark.parametrize(
     "override,key",
     [

@@ -111,7 +111,7 @@ def test_smoke_pipeline_in_the_component_image(docker_env, tmp_path):
     assert len(summary["folds"]) == 2 and summary["modalities"] == ["metadata", "depth_rgb"]
     assert summary["health"] and summary["model_id"]
     final = Path(summary["final_model"])
-    for name in ("manifest.json", "model.keras", "forest.joblib"):
+    for name in ("manifest.json", "model.keras", "clinical_model.joblib"):
         assert (final / name).is_file(), f"final model bundle lacks {name}"
     assert (out / "summary.json").is_file()
 

@@ -1,6 +1,6 @@
-"""Clinical features (fixed categories, no leaks, fit on training rows only) and patient folds."""
+"""Clinical features (column policy, fixed categories, missing kept missing, no leaks) and patient
+folds."""
 
-import json
 import re
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 
 from dfu_ml.data import schema
 from dfu_ml.errors import DataError, FoldError
-from dfu_ml.features import ClinicalFeatureTransformer, encode_clinical
+from dfu_ml.features import ClinicalColumns, feature_pipeline, unseen_category_values
 from dfu_ml.folds import patient_folds, sample_patients
 
 
@@ -42,113 +42,128 @@ def _visits(n: int, seed: int = 0) -> pd.DataFrame:
 # Features
 
 
+def _fitted(visits: pd.DataFrame, include_leak_suspect: bool = False):
+    columns = ClinicalColumns.for_policy(include_leak_suspect)
+    pipeline = feature_pipeline(columns).fit(visits)
+    return pipeline, list(pipeline.get_feature_names_out())
+
+
 def test_category_lists_are_fixed():
     full = _visits(30)
     plantar_only = full.assign(**{"Foot Aspect": "Plantar", schema.SEX: "M"})
-    assert list(encode_clinical(plantar_only).columns) == list(encode_clinical(full).columns)
-    a = ClinicalFeatureTransformer().fit(full)
-    b = ClinicalFeatureTransformer().fit(plantar_only)
-    assert a.columns_ == b.columns_
+    a, names_a = _fitted(full)
+    b, names_b = _fitted(plantar_only)
+    assert names_a == names_b
     for category in schema.NOMINAL_TEXT_COLUMNS["Foot Aspect"]:
-        assert f"Foot Aspect={category}" in b.columns_
-    encoded = encode_clinical(plantar_only)
+        assert f"Foot Aspect={category}" in names_b
+    encoded = pd.DataFrame(b.transform(plantar_only), columns=names_b)
     assert (encoded["Foot Aspect=plantar"] == 1).all()
     assert (encoded["Foot Aspect=dorsal"] == 0).all()
-    assert b.transform(full).shape == a.transform(full).shape == (30, len(a.columns_))
+    assert b.transform(full).shape == a.transform(full).shape == (30, len(names_a))
+    np.testing.assert_array_equal(a.transform(full), b.transform(full))
 
 
-def test_unseen_category_does_not_crash():
+def test_unseen_category_is_missing_and_named():
     train = _visits(12)
-    transformer = ClinicalFeatureTransformer().fit(train)
+    pipeline, names = _fitted(train)
     new = _visits(2, seed=1).assign(**{schema.SEX: "Unknown", "Foot Aspect": "Sideways"})
-    encoded = encode_clinical(new)
-    assert encoded[schema.SEX].isna().all()  # ordinal: missing, then imputed
-    hot = [c for c in encoded.columns if c.startswith("Foot Aspect=")]
-    assert len(hot) == len(schema.NOMINAL_TEXT_COLUMNS["Foot Aspect"])
-    assert (encoded[hot] == 0).all().all()  # one-hot: all zero, not missing
-    out = transformer.transform(new)
-    assert np.isfinite(out).all()
-    i = transformer.columns_.index(schema.SEX)
-    expected = (transformer.medians_[i] - transformer.means_[i]) / transformer.scales_[i]
-    assert out[:, i] == pytest.approx(np.full(2, expected))
+    encoded = pd.DataFrame(pipeline.transform(new), columns=names)
+    assert encoded[schema.SEX].isna().all()  # ordinal: missing, never a crash
+    assert (encoded["Foot Aspect=missing"] == 1).all()  # nominal: the "missing" column
+    hot = [c for c in names if c.startswith("Foot Aspect=") and c != "Foot Aspect=missing"]
+    assert (encoded[hot] == 0).all().all()
+    categories = ClinicalColumns.for_policy().categories
+    assert unseen_category_values(new, categories) == [
+        (schema.SEX, "Unknown", 2),
+        ("Foot Aspect", "Sideways", 2),
+    ]
+    assert unseen_category_values(train, categories) == []
 
 
 def test_ordinal_codes_follow_the_header_numbering():
     frame = _visits(3).assign(
         **{schema.SEX: ["f", " M ", "F"], schema.EXUDATE_APPEARANCE: ["Serous", "thick", "BLOODY"]}
     )
-    encoded = encode_clinical(frame)
+    pipeline, names = _fitted(frame)
+    encoded = pd.DataFrame(pipeline.transform(frame), columns=names)
     assert encoded[schema.SEX].tolist() == [0.0, 1.0, 0.0]
     assert encoded[schema.EXUDATE_APPEARANCE].tolist() == [0.0, 3.0, 2.0]
 
 
-def test_leaky_and_identifier_columns_never_become_features():
-    transformer = ClinicalFeatureTransformer().fit(_visits(20))
-    forbidden = {
+def test_missing_values_stay_missing():
+    """No imputation: a missing number or ordinal value is NaN in what the model receives, a
+    missing nominal value is its own column, whatever the training rows held."""
+    train = _visits(6).assign(**{schema.WOUND_TEMP: [30.0, 31.0, 35.0, 30.0, 31.0, 35.0]})
+    other = _visits(3, seed=9).assign(
+        **{
+            schema.WOUND_TEMP: [np.nan, 41.0, 100.0],
+            schema.EXUDATE_APPEARANCE: [None, "Serous", None],
+            "Foot Aspect": ["Plantar", None, "Dorsal"],
+        }
+    )
+    pipeline, names = _fitted(train)
+    encoded = pd.DataFrame(pipeline.transform(other), columns=names)
+    assert encoded[schema.WOUND_TEMP].iloc[0] != encoded[schema.WOUND_TEMP].iloc[0]  # NaN
+    assert encoded[schema.WOUND_TEMP].iloc[1:].tolist() == [41.0, 100.0]  # not scaled
+    assert encoded[schema.EXUDATE_APPEARANCE].isna().tolist() == [True, False, True]
+    assert encoded["Foot Aspect=missing"].tolist() == [0.0, 1.0, 0.0]
+    # A column absent from the CSV is missing everywhere, not an error.
+    absent = pd.DataFrame(pipeline.transform(other.drop(columns=[schema.PERI_TEMP])), columns=names)
+    assert absent[schema.PERI_TEMP].isna().all()
+
+
+def test_column_policy_groups():
+    """Identifiers, label-derived and free-text columns never become features; the columns
+    decided after the assessment only with the config key."""
+    never = {
         *schema.IDENTIFIER_COLUMNS,
-        *schema.LEAKY_COLUMNS,
+        *schema.LABEL_DERIVED_COLUMNS,
         *schema.FREE_TEXT_COLUMNS,
         schema.LABEL_COLUMN,
         "label",
         "row_in_file",
     }
-    sources = {c.split("=")[0] for c in transformer.columns_}
-    assert not sources & forbidden
-    assert schema.WOUND_TEMP in transformer.columns_  # and real features are there
+    default, study = ClinicalColumns.for_policy(False), ClinicalColumns.for_policy(True)
+    for columns in (default, study):
+        assert not set(columns.used) & never
+        assert schema.WOUND_TEMP in columns.used and schema.EXUDATE_APPEARANCE in columns.used
+    assert not set(default.used) & set(schema.LEAK_SUSPECT_COLUMNS)
+    assert set(study.used) - set(default.used) == set(schema.DECIDED_AFTER_ASSESSMENT_COLUMNS)
+    report = default.report()
+    assert report["used"] == default.used
+    assert "Dressing Grouped" in report["excluded"]["leak_suspect"]
+    assert report["excluded"]["label_derived"] == list(schema.LABEL_DERIVED_COLUMNS)
+    # Every CSV column is in exactly one group.
+    groups = [
+        set(default.used),
+        set(schema.IDENTIFIER_COLUMNS),
+        set(schema.LABEL_DERIVED_COLUMNS),
+        set(schema.FREE_TEXT_COLUMNS),
+        set(schema.DECIDED_AFTER_ASSESSMENT_COLUMNS),
+        {schema.LABEL_COLUMN},
+    ]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)) == len(schema.CLINICAL_COLUMNS)
 
 
 def test_label_does_not_leak_through_features():
     visits = _visits(30)
     shuffled = visits.copy()
-    for column in (schema.LABEL_COLUMN, "Healing Phase", "Phase Confidence (%)", "label"):
+    for column in (schema.LABEL_COLUMN, *schema.LABEL_DERIVED_COLUMNS, "label", "Dressing"):
         shuffled[column] = visits[column].to_numpy()[::-1]
-    a = ClinicalFeatureTransformer().fit(visits)
-    b = ClinicalFeatureTransformer().fit(shuffled)
+    a, _ = _fitted(visits, include_leak_suspect=True)
+    b, _ = _fitted(shuffled, include_leak_suspect=True)
     np.testing.assert_array_equal(a.transform(visits), b.transform(shuffled))
 
 
-def test_imputation_and_scaling_use_training_rows_only():
-    train = _visits(3).assign(**{schema.WOUND_TEMP: [30.0, 31.0, 35.0]})
-    other = _visits(3, seed=9).assign(**{schema.WOUND_TEMP: [np.nan, 41.0, 100.0]})
-    transformer = ClinicalFeatureTransformer().fit(train)
-    i = transformer.columns_.index(schema.WOUND_TEMP)
-    mean, std = np.mean([30, 31, 35]), np.std([30, 31, 35])
-    out = transformer.transform(other)[:, i]
-    # Missing -> the training median (31), scaled with the training mean and std.
-    assert out == pytest.approx(
-        [(31 - mean) / std, (41 - mean) / std, (100 - mean) / std], rel=1e-5
-    )
-    # Fitting on the other split would have given other numbers.
-    refit = ClinicalFeatureTransformer().fit(other).transform(other)[:, i]
-    assert not np.allclose(refit, out)
-    # Transforming does not change the fitted state.
-    expected_train = (np.array([30, 31, 35]) - mean) / std
-    assert transformer.transform(train)[:, i] == pytest.approx(expected_train, rel=1e-5)
+def test_feature_pipeline_survives_pickling():
+    import pickle
 
-
-def test_all_missing_training_column_is_zero_and_unscaled():
-    train = _visits(4).assign(**{schema.PERI_TEMP: np.nan})
-    transformer = ClinicalFeatureTransformer().fit(train)
-    i = transformer.columns_.index(schema.PERI_TEMP)
-    assert transformer.medians_[i] == 0 and transformer.scales_[i] == 1
-    out = transformer.transform(_visits(2).assign(**{schema.PERI_TEMP: [np.nan, 2.0]}))[:, i]
-    assert out.tolist() == [0.0, 2.0]
-
-
-def test_transformer_json_round_trip():
     visits = _visits(15)
     visits.loc[3, schema.WOUND_TEMP] = np.nan
-    transformer = ClinicalFeatureTransformer().fit(visits)
-    restored = ClinicalFeatureTransformer.from_json(transformer.to_json())
-    assert restored.columns_ == transformer.columns_
-    json.loads(transformer.to_json())  # plain JSON
+    pipeline, _ = _fitted(visits)
+    restored = pickle.loads(pickle.dumps(pipeline))
     other = _visits(5, seed=3)
-    np.testing.assert_array_equal(restored.transform(other), transformer.transform(other))
-
-
-def test_transform_before_fit_is_an_error():
-    with pytest.raises(RuntimeError):
-        ClinicalFeatureTransformer().transform(_visits(2))
+    np.testing.assert_array_equal(restored.transform(other), pipeline.transform(other))
 
 
 # --------------------------------------------------------------------------------------------

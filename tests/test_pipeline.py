@@ -312,6 +312,10 @@ def test_metadata_only_run_of_the_main_job(tmp_path, capsys):
     checks = {c["check"] for c in summary["health"]["checks"]}
     assert "final_kappa_above_threshold" in checks and "stage1_best_epoch_after_1" not in checks
     bundle = sorted(os.listdir(summary["final_model"]))
-    assert "forest.joblib" in bundle and "model.keras" not in bundle
+    assert "clinical_model.joblib" in bundle and "model.keras" not in bundle
+    # summary.json lists the clinical columns used: leak suspects are out by default.
+    columns = summary["clinical_model"]["columns"]
+    assert "Dressing Grouped" not in columns["used"] and "Wound Score" in columns["used"]
+    assert "Dressing Grouped" in columns["excluded"]["leak_suspect"]
     printed = capsys.readouterr().out
     assert "Training health:" in printed and "mean |" in printed

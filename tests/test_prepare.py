@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dfu_ml.data import schema
-from csv_helpers import csv_rows, visit_key
+from csv_helpers import csv_rows, visit_key, visits_by_key
 from dfu_ml.data.prepare import (
     DATASET_FILE,
     REPORT_JSON,
@@ -66,9 +66,7 @@ def real_prepared(real_dir, tmp_path_factory):
 def real_expected(real_dir):
     """Everything the report should say, computed from the CSVs with the csv module."""
     _, clinical = csv_rows(real_dir / schema.CLINICAL_CSV)
-    first: dict[tuple, dict] = {}
-    for row in clinical:
-        first.setdefault(visit_key(row), row)  # duplicated visit keys: the first row counts
+    first = visits_by_key(clinical)
     mix = Counter(row[schema.LABEL_COLUMN].strip() for row in first.values())
     _, depth = csv_rows(real_dir / schema.DEPTH_BOX_CSV)
     _, thermal = csv_rows(real_dir / schema.THERMAL_BOX_CSV)
@@ -95,7 +93,7 @@ def real_expected(real_dir):
             matches["none"] += 1
     return {
         "visits": len(first),
-        "duplicates": len(clinical) - len(first),
+        "duplicates": len(clinical) - len({visit_key(r) for r in clinical}),
         "patients": len({k[0] for k in first}),
         "mix": {name: mix[name] for name in schema.CLASS_NAMES},
         "image_sets": sum(visit_key(r) in first for r in depth),
@@ -153,9 +151,9 @@ def test_real_loose_matches_are_counted(real_prepared, real_expected):
 def test_real_set_labels_are_the_visit_labels(real_prepared, real_dir):
     _, dataset = real_prepared
     _, clinical = csv_rows(real_dir / schema.CLINICAL_CSV)
-    first = {}
-    for row in clinical:
-        first.setdefault(visit_key(row), LABEL_CODES[row[schema.LABEL_COLUMN].strip()])
+    first = {
+        k: LABEL_CODES[r[schema.LABEL_COLUMN].strip()] for k, r in visits_by_key(clinical).items()
+    }
     keys = zip(dataset.sets["patient"], dataset.sets["appt"], dataset.sets["dfu"])
     np.testing.assert_array_equal(dataset.set_labels(), [first[tuple(map(int, k))] for k in keys])
 

@@ -5,10 +5,10 @@ Expectations are computed independently from the files with the csv module, or t
 
 import csv
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dfu_ml.data import schema
@@ -97,24 +97,60 @@ def test_clinical_text_coded_columns_stay_text_and_numbers_become_floats(clinica
     assert temps.iloc[first] == pytest.approx(float(rows[first][schema.WOUND_TEMP]))
 
 
-def test_deduplicate_visits_counts_duplicated_keys(clinical, clinical_raw):
+def test_duplicated_visit_keys_are_distinct_visits_renumbered(clinical, clinical_raw, real_dir):
+    """The real file's repeated keys have different Appt Days: distinct visits, both kept; the
+    later one gets the ulcer's next free appointment number, and for patient 161 that is the
+    number its otherwise orphaned images carry."""
     _, rows = clinical_raw
     keys = [tuple(int(r[c]) for c in schema.VISIT_KEY) for r in rows]
-    counts = Counter(keys)
-    expected_dropped = sum(n - 1 for n in counts.values())
-    assert expected_dropped > 0  # DATA.md: a few visit keys are duplicated
-    first_line = {}
-    for line, key in enumerate(keys, start=2):
-        first_line.setdefault(key, line)
+    repeated = [i for i, key in enumerate(keys) if key in keys[:i]]
+    assert repeated  # DATA.md: a few visit keys are duplicated
+    for i in repeated:
+        first = keys.index(keys[i])
+        assert rows[i]["Appt Days"] != rows[first]["Appt Days"]
 
-    visits, dropped = deduplicate_visits(clinical)
-    assert dropped == expected_dropped
-    assert len(visits) == len(counts)
+    visits, counts = deduplicate_visits(clinical)
+    assert counts["duplicate_visit_keys"] == counts["visits_renumbered"] == len(repeated)
+    assert counts["duplicate_rows_merged"] == 0
+    assert len(visits) == len(rows)  # no labelled row dropped
     assert not visits.duplicated(list(schema.VISIT_KEY)).any()
-    # The first occurrence of each key is the one kept.
-    table = visits[[*schema.VISIT_KEY, "row_in_file"]]
-    kept = {tuple(int(v) for v in k): line for *k, line in table.itertuples(index=False)}
-    assert kept == first_line
+    table = visits.set_index("row_in_file")
+    for i in repeated:
+        patient, appt, dfu = keys[i]
+        ulcer = {k[1] for k in keys if (k[0], k[2]) == (patient, dfu)}
+        assert table.loc[i + 2, schema.APPT_COLUMN] == max(ulcer) + 1
+        assert table.loc[keys.index(keys[i]) + 2, schema.APPT_COLUMN] == appt  # first keeps it
+        assert f"line {i + 2}: Appt# {appt} -> {max(ulcer) + 1}" in "\n".join(
+            counts["renumbered_visits"]
+        )
+    _, depth = _csv_rows(real_dir / schema.DEPTH_BOX_CSV)
+    image_visits = {tuple(int(r[c]) for c in schema.VISIT_KEY) for r in depth}
+    assert (161, 1, 1) in image_visits and (161, 1, 1) not in keys
+    assert table.loc[table[schema.PATIENT_COLUMN] == 161, schema.APPT_COLUMN].tolist() == [0, 1]
+
+
+def _two_rows(**second) -> pd.DataFrame:
+    first = {"Patient#": 5, "Appt#": 0, "DFU#": 1, "Appt Days": 0.0, "Age": 60.0, "label": 1}
+    frame = pd.DataFrame([first, {**first, **second}])
+    frame["row_in_file"] = [2, 3]
+    return frame
+
+
+def test_a_visit_entered_twice_is_merged():
+    visits, counts = deduplicate_visits(_two_rows(Age=np.nan, Weight=80.0))
+    assert len(visits) == 1 and counts["duplicate_rows_merged"] == 1
+    assert visits.loc[0, "Age"] == 60.0 and visits.loc[0, "Weight"] == 80.0  # blanks filled
+
+
+def test_another_day_under_the_same_key_is_renumbered():
+    visits, counts = deduplicate_visits(_two_rows(**{"Appt Days": 14.0, "label": 2}))
+    assert visits["Appt#"].tolist() == [0, 1] and visits["label"].tolist() == [1, 2]
+    assert counts["visits_renumbered"] == 1
+
+
+def test_conflicting_rows_of_one_visit_are_an_error():
+    with pytest.raises(DataError, match=r"x\.csv, lines 2, 3: .*conflicting"):
+        deduplicate_visits(_two_rows(label=2), source="x.csv")
 
 
 # --------------------------------------------------------------------------------------------

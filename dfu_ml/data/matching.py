@@ -14,6 +14,7 @@ import pandas as pd
 
 from dfu_ml.data import schema
 from dfu_ml.data.reading import parse_image_name
+from dfu_ml.errors import DataError
 
 MATCH_EXACT = "exact"
 MATCH_OTHER_VIEW = "other_angle_or_view"
@@ -21,10 +22,79 @@ MATCH_OTHER_DEBRIDEMENT = "other_debridement"
 MATCH_NONE = "none"
 
 
-def deduplicate_visits(clinical: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the first row of each duplicated visit key; return the frame and how many were dropped."""
-    duplicated = clinical.duplicated(list(schema.VISIT_KEY), keep="first")
-    return clinical.loc[~duplicated].reset_index(drop=True), int(duplicated.sum())
+APPT_DAYS = "Appt Days"
+
+
+def _compatible(a: pd.Series, b: pd.Series) -> bool:
+    """Equal wherever both rows have a value (one copy may have blanks the other fills)."""
+    return bool(((a == b) | a.isna() | b.isna()).all())
+
+
+def deduplicate_visits(
+    clinical: pd.DataFrame, source: str = "clinical CSV"
+) -> tuple[pd.DataFrame, dict]:
+    """One row per visit key without losing a visit; returns the frame and counts for the report.
+
+    A row that repeats an earlier row's visit key (``Patient#``, ``Appt#``, ``DFU#``) is
+
+    - **merged** into that row when the two agree wherever both have a value (the same visit
+      entered twice; a value only the copy has fills the blank);
+    - **renumbered** when its ``Appt Days`` differs from every earlier row of that key: it is
+      another visit whose appointment number was mistyped, so it gets the next appointment
+      number after the highest that the patient's ulcer has in the file. The key's first row
+      keeps its number, and with it the images named with that number. In the real data this
+      is patients 75 (days 0 and 7) and 161 (days 0 and 56, and images named appointment 1 that
+      have no clinical row: renumbered, the day-56 visit gets exactly those images);
+    - otherwise (the same day with conflicting values) an error: which row is right is not ours
+      to guess.
+
+    Counts: ``duplicate_visit_keys`` (rows repeating a key), ``duplicate_rows_merged``,
+    ``visits_renumbered`` and ``renumbered_visits`` (one line each: where, from, to, why).
+    """
+    key = list(schema.VISIT_KEY)
+    compared = [c for c in clinical.columns if c != "row_in_file"]
+    appt_days = clinical[APPT_DAYS] if APPT_DAYS in clinical else pd.Series(np.nan, clinical.index)
+    out = clinical.copy()
+    highest = clinical.groupby([schema.PATIENT_COLUMN, schema.DFU_COLUMN])[schema.APPT_COLUMN].max()
+    rows_of_key: dict[tuple, list[int]] = {}
+    merged, renumbered = [], []
+    for i, visit in enumerate(zip(*(clinical[c] for c in key))):
+        earlier = rows_of_key.setdefault(visit, [])
+        if not earlier:
+            earlier.append(i)
+            continue
+        row = clinical.iloc[i][compared]
+        twin = next((j for j in earlier if _compatible(row, out.iloc[j][compared])), None)
+        if twin is not None:
+            out.loc[out.index[twin], compared] = out.iloc[twin][compared].combine_first(row)
+            merged.append(i)
+            continue
+        days = appt_days.iloc[i]
+        if pd.isna(days) or any(appt_days.iloc[j] == days for j in earlier):
+            lines = ", ".join(str(clinical["row_in_file"].iloc[j]) for j in (*earlier, i))
+            raise DataError(
+                f"{source}, lines {lines}: the same visit key {dict(zip(key, visit))} and "
+                f"the same {APPT_DAYS!r} with conflicting values; remove the wrong row or "
+                "correct its Appt#"
+            )
+        ulcer = (visit[0], visit[2])
+        highest[ulcer] += 1
+        out.iloc[i, out.columns.get_loc(schema.APPT_COLUMN)] = highest[ulcer]
+        earlier.append(i)
+        first = earlier[0]
+        renumbered.append(
+            f"patient {visit[0]}, ulcer {visit[2]}, line {clinical['row_in_file'].iloc[i]}: "
+            f"Appt# {visit[1]} -> {highest[ulcer]} ({APPT_DAYS} {days:g}; line "
+            f"{clinical['row_in_file'].iloc[first]} keeps Appt# {visit[1]} at "
+            f"{APPT_DAYS} {appt_days.iloc[first]:g})"
+        )
+    counts = {
+        "duplicate_visit_keys": len(merged) + len(renumbered),
+        "duplicate_rows_merged": len(merged),
+        "visits_renumbered": len(renumbered),
+        "renumbered_visits": renumbered,
+    }
+    return out.drop(index=out.index[merged]).reset_index(drop=True), counts
 
 
 def _with_capture(boxes: pd.DataFrame) -> pd.DataFrame:

@@ -141,9 +141,8 @@ def prepare_dataset(
     files = find_dataset_files(folder)
     folder = Path(folder)
     clinical = read_clinical(files["clinical"], require_labels=require_labels)
-    visits, duplicate_keys = deduplicate_visits(clinical)
+    visits, counts = deduplicate_visits(clinical, str(files["clinical"]))
     modalities = [m for m in modalities if m in schema.IMAGE_MODALITIES]
-    counts: dict = {"duplicate_visit_keys": duplicate_keys}
     if modalities and files["depth_boxes"].is_file():
         depth_boxes = read_boxes(files["depth_boxes"], "D")
         thermal_boxes = (
@@ -207,8 +206,11 @@ def prepare_dataset(
 
 def prepare_for_config(folder: Path, config, require_labels: bool = True) -> PreparedDataset:
     """:func:`prepare_dataset` with a run's settings (``config`` is a :class:`dfu_ml.config.Config`):
-    how training and prediction prepare data alike."""
-    return prepare_dataset(
+    how training and prediction prepare data alike. The data report also lists the clinical
+    columns the run's column policy uses (and those of them the CSV lacks)."""
+    from dfu_ml.features import ClinicalColumns, unseen_category_values
+
+    dataset = prepare_dataset(
         folder,
         image_size=config.image_size,
         modalities=config.image_modalities,
@@ -216,6 +218,15 @@ def prepare_for_config(folder: Path, config, require_labels: bool = True) -> Pre
         on_missing_image=config.on_missing_image,
         require_labels=require_labels,
     )
+    columns = ClinicalColumns.for_policy(config.clinical_include_leak_suspect)
+    report = dataset.meta["report"]
+    report["clinical_columns"] = columns.report()
+    report["clinical_columns_absent"] = [c for c in columns.used if c not in dataset.visits]
+    report["unseen_category_values"] = [
+        f"{column}: {value!r} x{count}"
+        for column, value, count in unseen_category_values(dataset.visits, columns.categories)
+    ]
+    return dataset
 
 
 def _crop_all(

@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from dfu_ml.data import schema
+from dfu_ml.data.matching import deduplicate_visits
 from dfu_ml.data.reading import format_image_name, parse_image_name, read_boxes, read_clinical
 from dfu_ml.errors import ConfigError
 
@@ -471,11 +472,14 @@ def render_from_real(real_dir: Path, out: Path, image_scale: float = 1.0, seed: 
     out.mkdir(parents=True, exist_ok=True)
     for folder in schema.MODALITY_FOLDERS.values():
         (out / folder).mkdir(exist_ok=True)
-    clinical = read_clinical(real_dir / schema.CLINICAL_CSV, require_labels=False)
+    # Visits as training reads them (a renumbered visit's images are rendered from its own row).
+    clinical, _ = deduplicate_visits(
+        read_clinical(real_dir / schema.CLINICAL_CSV, require_labels=False)
+    )
     shutil.copyfile(real_dir / schema.CLINICAL_CSV, out / schema.CLINICAL_CSV)
     looks: dict[tuple, Appearance] = {}
     for _, row in clinical.drop(
-        columns=["label", schema.LABEL_COLUMN, *schema.LEAKY_COLUMNS], errors="ignore"
+        columns=["label", schema.LABEL_COLUMN, *schema.LABEL_DERIVED_COLUMNS], errors="ignore"
     ).iterrows():
         key = tuple(int(row[c]) for c in schema.VISIT_KEY)
         looks.setdefault(key, Appearance.from_clinical_row(row))

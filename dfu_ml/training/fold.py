@@ -22,7 +22,7 @@ from dfu_ml.data.prepare import PreparedDataset
 from dfu_ml.data.schema import PATIENT_COLUMN
 from dfu_ml.errors import DataError
 from dfu_ml.folds import patient_folds, sample_patients
-from dfu_ml.training.clinical_rf import clinical_rf_probabilities
+from dfu_ml.training.clinical_rf import ClinicalModelSpec, clinical_probabilities
 from dfu_ml.training.metrics import evaluate_predictions
 from dfu_ml.training.resampling import class_counts, focal_alpha, resample_indices
 
@@ -138,20 +138,24 @@ def plan_fold(
     }
 
 
+def fusion_uses_clinical_model(config: Config) -> bool:
+    """Whether a fusion model trains on the clinical model's training-row probabilities."""
+    return config.uses_metadata and bool(config.image_modalities)
+
+
 def fold_rf(dataset: PreparedDataset, config: Config, plan: dict):
-    """Clinical RF probabilities per visit for this fold, and the forest fitted on training visits."""
+    """The clinical model for this fold: ``(proba, model)``, per-visit probabilities (validation
+    visits from the model fitted on the training visits; training visits out-of-fold, only where
+    a fusion trains on them) and that fitted model."""
     rows = training_rows(dataset, config)
     train_visits = rows["visit_index"].to_numpy()[plan["train_rows"]]
     val_visits = rows["visit_index"].to_numpy()[plan["val_rows"]]
-    return clinical_rf_probabilities(
+    return clinical_probabilities(
         dataset.visits,
         train_visits,
         val_visits,
-        config.rf_inner_folds,
-        config.rf_n_estimators,
-        config.rf_max_depth,
-        config.rf_min_samples_leaf,
-        config.seed,
+        ClinicalModelSpec.from_config(config),
+        out_of_fold=fusion_uses_clinical_model(config),
     )
 
 
