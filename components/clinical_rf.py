@@ -9,9 +9,12 @@ from components.common import FOLD_RESULT_FILE, PLAN_FILE, RF_PROBA_FILE, cli, r
 from dfu_ml.config import Config
 
 
-def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) -> dict:
+def run_clinical_rf(
+    prepared: Path, fold_plan: Path, config: Config, out: Path, for_fusion: bool = False
+) -> dict:
     """Write per-visit probabilities and the fitted clinical pipeline (features and model, one
-    file) into ``out``."""
+    file) into ``out``; ``for_fusion``: out-of-fold training-visit probabilities even when
+    ``config`` itself has no fusion (see ``dfu_ml.training.fold.fold_rf``)."""
     import numpy as np
 
     from dfu_ml.data.prepare import load_prepared
@@ -20,7 +23,7 @@ def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) 
 
     dataset = load_prepared(prepared)
     plan = read_json(Path(fold_plan) / PLAN_FILE)
-    proba, model = fold_rf(dataset, config, plan)
+    proba, model = fold_rf(dataset, config, plan, for_fusion)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / RF_PROBA_FILE, proba)
@@ -40,7 +43,11 @@ def run_clinical_rf(prepared: Path, fold_plan: Path, config: Config, out: Path) 
 
 
 def clinical_forest(
-    prepared: Input[Dataset], fold_plan: Input[Dataset], config: Input[Dataset], rf: Output[Dataset]
+    prepared: Input[Dataset],
+    fold_plan: Input[Dataset],
+    config: Input[Dataset],
+    rf: Output[Dataset],
+    for_fusion: bool = False,
 ):
     """Fit the clinical model (feature pipeline and estimator) on the fold's training visits:
     probabilities for validation visits, and out-of-fold probabilities for training visits (inner
@@ -51,6 +58,8 @@ def clinical_forest(
         fold_plan: the fold plan from resample_alpha.
         config: the run's resolved configuration (config.json).
         rf: probabilities and the fitted clinical pipeline (clinical_model.joblib).
+        for_fusion: out-of-fold training-visit probabilities although the configuration is
+            metadata-only (the search's clinical view, which its fused combinations read).
     """
     from pathlib import Path
 
@@ -58,7 +67,11 @@ def clinical_forest(
     from components.common import resolve_config
 
     result = run_clinical_rf(
-        Path(prepared.path), Path(fold_plan.path), resolve_config(config.path), Path(rf.path)
+        Path(prepared.path),
+        Path(fold_plan.path),
+        resolve_config(config.path),
+        Path(rf.path),
+        for_fusion,
     )
     if "metrics" in result:
         rf.metadata["val_quadratic_kappa"] = result["metrics"]["per_row"]["quadratic_kappa"]

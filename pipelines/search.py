@@ -113,7 +113,11 @@ def search_fold(
     split.set_display_name(f"{label} · split patients once for every combination")
     shared = split.outputs["split"]
     forest = steps.forest(
-        prepared=prepared, fold_plan=shared, config=split.outputs["clinical_config"]
+        prepared=prepared,
+        fold_plan=shared,
+        config=split.outputs["clinical_config"],
+        # Fused combinations train on its training-visit probabilities: out-of-fold ones.
+        for_fusion=image_search,
     )
     forest.set_display_name(f"{label} · clinical random forest (metadata-only)")
     if not image_search:

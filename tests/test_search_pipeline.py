@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dfu_ml.bundle import CLINICAL_MODEL_FILE
 from dfu_ml.config import load_config
 from dfu_ml.data.schema import CLASS_NAMES, CLINICAL_CSV, MODALITY_FOLDERS
 from dfu_ml.data.synthetic import generate_synthetic_dataset
@@ -139,7 +140,7 @@ def test_a_metadata_only_search_runs_without_image_steps(tmp_path):
     assert _executed(log, "pretrain-shared-encoder") == _executed(log, "fuse-combination") == 0
     manifest = json.loads((out / "final_model" / "manifest.json").read_text())
     assert manifest["kind"] == "combination" and manifest["members"] == ["metadata"]
-    assert "model.keras" not in manifest["files"] and "forest.joblib" in manifest["files"]
+    assert "model.keras" not in manifest["files"] and CLINICAL_MODEL_FILE in manifest["files"]
 
 
 def test_a_modality_missing_from_the_data_fails_before_anything_trains(tmp_path, capsys):

@@ -143,10 +143,11 @@ def fusion_uses_clinical_model(config: Config) -> bool:
     return config.uses_metadata and bool(config.image_modalities)
 
 
-def fold_rf(dataset: PreparedDataset, config: Config, plan: dict):
+def fold_rf(dataset: PreparedDataset, config: Config, plan: dict, for_fusion: bool = False):
     """The clinical model for this fold: ``(proba, model)``, per-visit probabilities (validation
     visits from the model fitted on the training visits; training visits out-of-fold, only where
-    a fusion trains on them) and that fitted model."""
+    a fusion trains on them: ``config``'s, or ``for_fusion``, the modality-combination search's
+    metadata-only view that its fused combinations read) and that fitted model."""
     rows = training_rows(dataset, config)
     train_visits = rows["visit_index"].to_numpy()[plan["train_rows"]]
     val_visits = rows["visit_index"].to_numpy()[plan["val_rows"]]
@@ -155,7 +156,7 @@ def fold_rf(dataset: PreparedDataset, config: Config, plan: dict):
         train_visits,
         val_visits,
         ClinicalModelSpec.from_config(config),
-        out_of_fold=fusion_uses_clinical_model(config),
+        out_of_fold=for_fusion or fusion_uses_clinical_model(config),
     )
 
 
