@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -58,12 +59,18 @@ class StepConsole(io.TextIOBase):
     Every line goes to the log file. The console shows step progress and the steps' own output,
     not kfp's executor dumps (the whole executor input as JSON) or artifact listings. The last
     error a step raised is remembered, so that a failure can be reported in one line.
+
+    kfp.local runs the iterations of a ParallelFor in threads that all print here, and
+    ``print`` writes a line in pieces: each thread's unfinished line is kept apart, and one lock
+    serialises whole lines (shared, two threads' pieces interleaved inside lines and in the log
+    file's buffer, which is not thread-safe, and once left invalid UTF-8 in the log).
     """
 
     def __init__(self, log_file, console):
         super().__init__()
+        self.lock = threading.RLock()
         self.log_file, self.console = log_file, console
-        self.pending = ""
+        self.pending: dict[int, str] = {}  # thread id -> its unfinished line
         self.task = None
         self.failed_task = None
         # (task that was last announced, exception line): steps of a ParallelFor run
@@ -76,20 +83,24 @@ class StepConsole(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self._line(_ANSI.sub("", line))
+        with self.lock:
+            thread = threading.get_ident()
+            *lines, self.pending[thread] = (self.pending.get(thread, "") + text).split("\n")
+            for line in lines:
+                self._line(_ANSI.sub("", line))
         return len(text)
 
     def flush(self) -> None:
-        self.log_file.flush()
-        self.console.flush()
+        with self.lock:
+            self.log_file.flush()
+            self.console.flush()
 
     def close_pending(self) -> None:
-        if self.pending:
-            self._line(_ANSI.sub("", self.pending))
-            self.pending = ""
+        with self.lock:
+            for line in self.pending.values():
+                if line:
+                    self._line(_ANSI.sub("", line))
+            self.pending.clear()
 
     def _line(self, line: str) -> None:
         self.log_file.write(line + "\n")
@@ -399,7 +410,7 @@ def _run_pipeline(pipeline, arguments: dict, log_path: Path, quiet: bool, runner
     """Call the pipeline; return its outputs, or raise PipelineStepFailed naming the step."""
     from pipelines.kfp_workarounds import docker_exit_status
 
-    with open(log_path, "a") as log_file:
+    with open(log_path, "a", encoding="utf-8") as log_file:
         console = StepConsole(log_file, sys.stdout)
         redirect = contextlib.redirect_stdout(console) if quiet else contextlib.nullcontext()
         try:

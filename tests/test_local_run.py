@@ -62,6 +62,31 @@ def test_the_console_shows_progress_and_the_steps_own_output_but_no_dumps_or_tra
     assert "Traceback" not in error and str(tmp_path / "pipeline.log") in error
 
 
+def test_parallel_steps_printing_at_once_leave_every_log_line_whole(tmp_path):
+    """kfp.local runs a ParallelFor's iterations in threads that all print to the console: each
+    line they print reaches the log whole and valid UTF-8 (once, unlocked, it did not)."""
+    import threading
+
+    path = tmp_path / "pipeline.log"
+    with open(path, "a", encoding="utf-8") as log:
+        stream = StepConsole(log, io.StringIO())
+
+        def step(n):
+            for i in range(300):
+                # In pieces, as print() delivers them; multi-byte characters included.
+                stream.write(f"    fold {n} · epoch {i} ± κ ")
+                stream.write("done\n")
+
+        threads = [threading.Thread(target=step, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    lines = path.read_bytes().decode("utf-8").splitlines()
+    expected = {f"    fold {n} · epoch {i} ± κ done" for n in range(4) for i in range(300)}
+    assert len(lines) == len(expected) and set(lines) == expected
+
+
 def test_an_unexpected_step_error_points_to_the_log(tmp_path):
     stream = StepConsole(io.StringIO(), io.StringIO())
     stream.write("Executing task 'stage1-fusion'\n    KeyError: 'encoder'\n")
