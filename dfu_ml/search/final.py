@@ -200,7 +200,10 @@ def bundle_members(folder: Path) -> list[Path]:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return [folder]
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("kind") != ENSEMBLE:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        return [folder]  # loading it says what is wrong (dfu_ml.bundle.verify_bundle)
+    if not isinstance(manifest, dict) or manifest.get("kind") != ENSEMBLE:
         return [folder]
     return [folder / MEMBERS_DIR / name for name in manifest["members"]]
