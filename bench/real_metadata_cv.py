@@ -9,17 +9,19 @@ are per visit. Every variant of a seed validates on the same folds.
 
     .venv/bin/python bench/real_metadata_cv.py                          # default model, seeds 0-4
     .venv/bin/python bench/real_metadata_cv.py --variants all           # the comparison table
+    .venv/bin/python bench/real_metadata_cv.py --variants further       # the later candidates
     .venv/bin/python bench/real_metadata_cv.py --variants forest --set clinical_include_leak_suspect=true
     .venv/bin/python bench/real_metadata_cv.py --json out.json          # also write the figures
 
-Variants (``--variants NAME ...`` or ``all``) are config overrides on the paper profile, and a
-few ablations built here only to measure them, on the same folds: ``*_median_imputed*`` (median
-imputation and scaling fitted on the training visits in front of the forest: the feature handling
-before missing values were kept), ``forest_dressing_only`` and ``forest_offloading_only`` (one
-group of the leak suspects brought back), ``forest_unweighted`` (no balanced class weights),
-``forest_expected_class`` (the rounded expected phase instead of the argmax) and
-``forest_duplicates_dropped`` (the two renumbered visits left out, as the old deduplication did;
-the folds move only by those two visits).
+Variants (``--variants NAME ...``, ``all`` or ``further``) are config overrides on the paper
+profile, and a few ablations built here only to measure them, on the same folds:
+``*_median_imputed*`` (median imputation and scaling fitted on the training visits in front of the
+forest: the feature handling before missing values were kept), ``forest_dressing_only`` and
+``forest_offloading_only`` (one group of the leak suspects brought back), ``forest_unweighted``
+(no balanced class weights), ``forest_expected_class`` (the rounded expected phase instead of the
+argmax) and ``forest_duplicates_dropped`` (the two renumbered visits left out, as the old
+deduplication did; the folds move only by those two visits). ``further`` are the candidates tried
+after the default was chosen (``bench/clinical_candidates.py``), each on both column policies.
 
 The data folder defaults to ``../shared/data/dfu_real_dev`` next to the repository (override with
 ``--data`` or the DFU_REAL_DEV environment variable).
@@ -41,6 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the fold blocks import Ker
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np
+from clinical_candidates import CANDIDATES
 
 from dfu_ml.config import load_config
 from dfu_ml.data.prepare import prepare_dataset
@@ -139,6 +142,14 @@ VARIANTS = {
     "ordinal_forest": Variant(("clinical_model=ordinal_forest",)),
     "ordinal_forest_study_columns": Variant(("clinical_model=ordinal_forest", STUDY_COLUMNS)),
 }
+# The candidates tried after the default was chosen (bench/clinical_candidates.py), on both column
+# policies: ``--variants further``.
+FURTHER = {}
+for _name, _factory in CANDIDATES.items():
+    FURTHER[_name] = Variant(pipeline=_factory)
+    FURTHER[f"{_name}_study_columns"] = Variant((STUDY_COLUMNS,), pipeline=_factory)
+VARIANTS.update(FURTHER)
+GROUPS = {"all": list(VARIANTS), "further": list(FURTHER)}
 
 
 def _ablation_proba(dataset, config, plan, variant: Variant) -> np.ndarray:
@@ -285,7 +296,7 @@ def main(argv=None) -> int:
         "--variants",
         nargs="+",
         default=["forest"],
-        help=f"'all' or some of: {', '.join(VARIANTS)} (default: forest)",
+        help=f"'all', 'further' or some of: {', '.join(VARIANTS)} (default: forest)",
     )
     parser.add_argument(
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra config overrides"
@@ -295,7 +306,7 @@ def main(argv=None) -> int:
         "--timing", action="store_true", help="also print when leak-suspect columns change"
     )
     args = parser.parse_args(argv)
-    names = list(VARIANTS) if args.variants == ["all"] else args.variants
+    names = [n for v in args.variants for n in GROUPS.get(v, [v])]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
