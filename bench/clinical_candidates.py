@@ -5,8 +5,8 @@ metadata-only kappa. None is part of the product; docs/RESULTS.md reports what e
 Every candidate is built from the real pipeline (``ClinicalModelSpec``, ``feature_pipeline``) and
 fitted on a fold's training visits only; anything chosen inside a fit (a leaf size, a penalty,
 class multipliers) is chosen on inner folds of those training visits, grouped by patient
-(``inner_splits``), never on the validation visits. The estimators take the visits frame, so they
-can read the patients for their inner folds.
+(``grouped_out_of_fold_proba``), never on the validation visits. The estimators take the visits
+frame, so they can read the patients for their inner folds.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.ensemble import ExtraTreesClassifier
 from sklearn.impute import MissingIndicator, SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.preprocessing import FunctionTransformer, OrdinalEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
@@ -28,26 +27,19 @@ from sklearn.utils.class_weight import compute_sample_weight
 from dfu_ml.data import schema
 from dfu_ml.data.schema import NUM_CLASSES, PATIENT_COLUMN
 from dfu_ml.features import feature_pipeline
-from dfu_ml.training.clinical_rf import DropUninformative, inner_splits
+from dfu_ml.training.clinical_rf import (
+    ClinicalModel,
+    DropUninformative,
+    grouped_out_of_fold_proba,
+)
 from dfu_ml.training.metrics import quadratic_kappa
 
 CLASSES = np.arange(NUM_CLASSES)
 
 
 def _full_proba(model, X) -> np.ndarray:
-    """predict_proba with a column for every class, even one absent from the fit."""
-    proba = np.zeros((len(X), NUM_CLASSES))
-    proba[:, np.asarray(model.classes_).astype(int)] = model.predict_proba(X)
-    return proba
-
-
-def _inner_proba(pipeline, visits: pd.DataFrame, y: np.ndarray, seed: int, folds: int):
-    """Out-of-fold probabilities of ``pipeline`` on patient-grouped inner folds of ``visits``."""
-    splits = inner_splits(y, visits[PATIENT_COLUMN].to_numpy(), folds, seed)
-    proba = cross_val_predict(pipeline, visits, y, cv=splits, method="predict_proba")
-    full = np.zeros((len(y), NUM_CLASSES))
-    full[:, np.unique(y)] = proba
-    return full
+    """predict_proba with a column for every class (the clinical model's own rule)."""
+    return ClinicalModel(model).predict_proba(X)
 
 
 class InnerChoice(ClassifierMixin, BaseEstimator):
@@ -66,7 +58,7 @@ class InnerChoice(ClassifierMixin, BaseEstimator):
         self.scores_ = []
         for candidate in self.candidates:
             inner = clone(candidate).set_params(**(self.inner_params or {}))
-            proba = _inner_proba(inner, visits, y, self.seed, self.folds)
+            proba = grouped_out_of_fold_proba(inner, visits, y, self.folds, self.seed)
             self.scores_.append(quadratic_kappa(y, proba.argmax(axis=1)))
         self.chosen_ = int(np.argmax(self.scores_))
         self.model_ = clone(self.candidates[self.chosen_]).fit(visits, y)
@@ -91,7 +83,7 @@ class InnerClassScale(ClassifierMixin, BaseEstimator):
 
     def fit(self, visits, y):
         y = np.asarray(y, dtype=int)
-        proba = _inner_proba(clone(self.pipeline), visits, y, self.seed, self.folds)
+        proba = grouped_out_of_fold_proba(clone(self.pipeline), visits, y, self.folds, self.seed)
         best = -np.inf
         for low, high in itertools.product(self.GRID, self.GRID):
             scale = np.array([low, 1.0, high])
@@ -210,7 +202,20 @@ HISTORY_COLUMNS = (
 )
 
 
-class UlcerHistory(TransformerMixin, BaseEstimator):
+class _FeaturesPlus(TransformerMixin, BaseEstimator):
+    """The clinical features (``features``, fitted on the training visits) followed by the columns
+    that ``added(visits)`` computes from the visits frame."""
+
+    def fit(self, visits, y=None):
+        self.features_ = clone(self.features).fit(visits, y)
+        return self
+
+    def transform(self, visits):
+        features = np.asarray(self.features_.transform(visits), dtype=float)
+        return np.hstack([features, self.added(visits)])
+
+
+class UlcerHistory(_FeaturesPlus):
     """The clinical features plus what the ulcer's earlier visits say: days since its previous
     visit, the visit's number in the ulcer's series, and (``changes``) the change of each wound
     measurement since the previous visit. Only earlier visits of the same ulcer (patient, DFU#,
@@ -220,46 +225,38 @@ class UlcerHistory(TransformerMixin, BaseEstimator):
         self.features = features
         self.changes = changes
 
-    def fit(self, visits, y=None):
-        self.features_ = clone(self.features).fit(visits, y)
-        return self
-
-    def transform(self, visits):
+    def added(self, visits) -> np.ndarray:
         key = [PATIENT_COLUMN, schema.DFU_COLUMN]
         order = visits.assign(_row=np.arange(len(visits))).sort_values(
             [*key, "Appt Days", schema.APPT_COLUMN, "_row"]
         )
-        ulcer = order.groupby(key, sort=False)
-        days = pd.to_numeric(order["Appt Days"], errors="coerce")
+        ulcer = [order[k] for k in key]
+
+        def since_previous(column):
+            value = pd.to_numeric(order[column], errors="coerce")
+            return value - value.groupby(ulcer).shift(1)
+
         history = {
-            "days_since_previous_visit": days - days.groupby([order[k] for k in key]).shift(1),
-            "visit_number_of_ulcer": ulcer.cumcount().astype(float),
+            "days_since_previous_visit": since_previous("Appt Days"),
+            "visit_number_of_ulcer": order.groupby(ulcer).cumcount().astype(float),
         }
         for column in HISTORY_COLUMNS if self.changes else ():
-            value = pd.to_numeric(order[column], errors="coerce")
-            history[f"{column} change"] = value - value.groupby([order[k] for k in key]).shift(1)
-        extra = pd.DataFrame(history, index=order.index).loc[visits.index].to_numpy(dtype=float)
-        return np.hstack([np.asarray(self.features_.transform(visits), dtype=float), extra])
+            history[f"{column} change"] = since_previous(column)
+        return pd.DataFrame(history, index=order.index).loc[visits.index].to_numpy(dtype=float)
 
 
-class WoundMinusPeri(TransformerMixin, BaseEstimator):
+class WoundMinusPeri(_FeaturesPlus):
     """The clinical features plus the wound centre's temperature minus the peri-ulcer's."""
 
     def __init__(self, features=None):
         self.features = features
 
-    def fit(self, visits, y=None):
-        self.features_ = clone(self.features).fit(visits, y)
-        return self
-
-    def transform(self, visits):
+    def added(self, visits) -> np.ndarray:
         wound, peri = (
             pd.to_numeric(visits[c], errors="coerce").to_numpy(dtype=float)
             for c in (schema.WOUND_TEMP, schema.PERI_TEMP)
         )
-        return np.hstack(
-            [np.asarray(self.features_.transform(visits), dtype=float), (wound - peri)[:, None]]
-        )
+        return (wound - peri)[:, None]
 
 
 def _with_features(spec, features):
@@ -348,9 +345,7 @@ CANDIDATES = {
     "forest_patient_bootstrap": lambda spec: PatientBootstrapForest(
         spec.columns, spec.n_estimators, spec.min_samples_leaf, spec.seed
     ),
-    "forest_frank_hall": lambda spec: spec.pipeline().set_params(
-        model=FrankHall(spec.pipeline().named_steps["model"])
-    ),
+    "forest_frank_hall": lambda spec: spec.pipeline().set_params(model=FrankHall(spec.estimator())),
     "forest_out_of_range": lambda spec: _after_features(
         spec, SimpleImputer(strategy="constant", fill_value=-1e3, keep_empty_features=True)
     ),

@@ -21,7 +21,9 @@ SPEC = ClinicalModelSpec(n_estimators=20, inner_folds=3, seed=0)
 
 
 def _history(visits):
-    return cc.UlcerHistory(feature_pipeline(SPEC.columns)).fit(visits).transform(visits)[:, -13:]
+    """The columns UlcerHistory adds: gap, visit number, then one change per history column."""
+    added = 2 + len(cc.HISTORY_COLUMNS)
+    return cc.UlcerHistory(feature_pipeline(SPEC.columns)).fit(visits).transform(visits)[:, -added:]
 
 
 def test_ulcer_history_reads_earlier_visits_only(prepared_synthetic):

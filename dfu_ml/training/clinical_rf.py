@@ -275,22 +275,33 @@ def fit_clinical_model(visits: pd.DataFrame, spec: ClinicalModelSpec) -> Clinica
     return ClinicalModel(pipeline)
 
 
-def out_of_fold_proba(visits: pd.DataFrame, spec: ClinicalModelSpec) -> np.ndarray:
-    """Out-of-fold probabilities for each (unique) training visit, patient-grouped inner folds:
-    ``cross_val_predict`` refits the whole pipeline per inner fold, features included."""
-    labels = visits["label"].to_numpy()
-    splits = inner_splits(labels, visits[PATIENT_COLUMN].to_numpy(), spec.inner_folds, spec.seed)
+def grouped_out_of_fold_proba(
+    estimator, visits: pd.DataFrame, labels: np.ndarray, folds: int, seed: int, params=None
+) -> np.ndarray:
+    """Out-of-fold probabilities of ``estimator`` (unfitted; it takes the visits frame) for each
+    visit, on patient-grouped inner folds (:func:`inner_splits`): ``cross_val_predict`` refits the
+    whole estimator per inner fold, features included. A column per class, even one absent from
+    ``labels``."""
+    labels = np.asarray(labels)
+    splits = inner_splits(labels, visits[PATIENT_COLUMN].to_numpy(), folds, seed)
     proba = cross_val_predict(
-        spec.pipeline(),
-        visits,
-        labels,
-        cv=splits,
-        method="predict_proba",
-        params=spec.fit_params(visits),
+        estimator, visits, labels, cv=splits, method="predict_proba", params=params
     )
     full = np.zeros((len(visits), NUM_CLASSES))
     full[:, np.unique(labels)] = proba  # columns follow the classes present in ``labels``
     return full
+
+
+def out_of_fold_proba(visits: pd.DataFrame, spec: ClinicalModelSpec) -> np.ndarray:
+    """Out-of-fold probabilities of the clinical pipeline for each (unique) training visit."""
+    return grouped_out_of_fold_proba(
+        spec.pipeline(),
+        visits,
+        visits["label"].to_numpy(),
+        spec.inner_folds,
+        spec.seed,
+        spec.fit_params(visits),
+    )
 
 
 def clinical_probabilities(
